@@ -58,6 +58,7 @@ __all__ = [
     "component_schemes",
     "quantize_module",
     "quantize_pipeline_components",
+    "storage_tensors",
     "weight_bytes",
 ]
 
@@ -107,7 +108,7 @@ def _check_backend(backend: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _leaf_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+def storage_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
     """The plain tensors that really hold `t`'s bytes.
 
     quanto's quantized weights are tensor subclasses that wrap inner tensors (int8 data + scale, or a
@@ -118,7 +119,7 @@ def _leaf_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
-            yield from _leaf_tensors(getattr(t, name))
+            yield from storage_tensors(getattr(t, name))
     else:
         yield t
 
@@ -153,7 +154,7 @@ def weight_bytes(module: nn.Module) -> int:
         tensors: list[torch.Tensor] = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
         tensors.extend(_bnb_extra_tensors(sub))
         for tensor in tensors:
-            for leaf in _leaf_tensors(tensor):
+            for leaf in storage_tensors(tensor):
                 if leaf.device.type == "meta":
                     continue
                 key = (leaf.data_ptr(), leaf.untyped_storage().nbytes())
