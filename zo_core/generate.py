@@ -30,9 +30,12 @@ def _sampler(engine: Personalizer, name: str | None):  # type: ignore[no-untyped
         if engine.info.scheduler_class == "DDPMScheduler":
             name = "ddim"
         else:
-            from diffusers import SchedulerMixin
+            import diffusers
 
-            return SchedulerMixin.from_pretrained(engine.info.root / "scheduler", local_files_only=True)  # type: ignore[attr-defined]
+            cls = getattr(diffusers, engine.info.scheduler_class, None)
+            if cls is None:
+                raise ValueError(f"unknown scheduler class {engine.info.scheduler_class!r} in the model folder")
+            return cls.from_config(engine.scheduler.config)
     if name not in classes:
         raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
     return classes[name].from_config(engine.scheduler.config)
