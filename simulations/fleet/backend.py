@@ -82,7 +82,8 @@ class TaskResult:
     metrics
         The scalar metrics the client sends.
     fidelity
-        The simulation oracle's score of the device's current token (never sent by a client).
+        The simulation oracle's score of the device's saved token (never sent by a client); the
+        worker fills it in after the device's memory window with `DeviceBackend.evaluate`.
     forward_items
         UNet forward batch items spent (drives the simulated clock).
     state_sha
@@ -113,6 +114,9 @@ class DeviceBackend(Protocol):
 
     def forget(self, device_id: int) -> None:
         """Drop everything held in memory for a device (its app was restarted)."""
+
+    def evaluate(self, task: DeviceTask) -> float:
+        """The simulation oracle's fidelity of the state the task saved (run outside its memory window)."""
 
 
 class FleetServer(Protocol):

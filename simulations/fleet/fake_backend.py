@@ -150,16 +150,21 @@ class FakeBackend:
         return TaskResult(
             reply=stats,
             metrics={"local-steps": float(task.local_steps), "loss-last": float(np.sum((theta - target) ** 2))},
-            fidelity=self.fidelity(theta, concept),
+            fidelity=float("nan"),
             forward_items=task.local_steps * task.plan.forward_items_per_step,
             state_sha=sha,
             extra={"model": self.describe()},
         )
 
+    def evaluate(self, task: DeviceTask) -> float:
+        """Cosine of the saved token with the device's target concept."""
+        theta = np.load(Path(task.state_dir) / "theta.npy")
+        return self.fidelity(theta, task.concept % self.spec.num_concepts)
+
     def describe(self) -> dict[str, object]:
         """What the server needs to know about the model: D, T and a fingerprint."""
         s = self.spec
-        return {"dim": s.dim, "num_train_timesteps": s.num_train_timesteps,
+        return {"dim": s.dim, "num_train_timesteps": s.num_train_timesteps, "fidelity": "cosine to target",
                 "fingerprint": f"fake-d{s.dim}-c{s.num_concepts}-s{s.concept_seed}"}
 
 

@@ -65,6 +65,8 @@ class SimulatedServer:
         self.dp_exhausted = False
         self.last_individual_stats: list[dict[str, np.ndarray]] | None = None
         self.last_sum: np.ndarray | None = None
+        # Fingerprint of each weight-bits variant of the model the fleet runs (see runner._for_variant).
+        self.variant_fingerprints: dict[int, str] = {}
 
     def round_broadcast(self, round_num: int) -> RoundBroadcast:
         """The validated broadcast object of a round."""

@@ -44,6 +44,8 @@ def write_report(result: FleetResult, out_dir: str | Path) -> Path:
     _plot_epsilon(result, out / PLOTS["epsilon"])
     _plot_bytes(result, out / PLOTS["bytes"])
     _plot_failures(result, out / PLOTS["failures"])
+    errors = [f"device {d.id} ({d.profile.name}) {e}" for d in result.devices for e in d.errors]
+    (out / "errors.txt").write_text("\n\n".join(errors) + ("\n" if errors else ""))
     path = out / "report.md"
     path.write_text(_markdown(result))
     return path
@@ -265,6 +267,7 @@ def _markdown(result: FleetResult) -> str:
         f"{totals['crash']} crashed, {totals['oom']} killed out-of-memory, {totals['straggler']} past the round "
         f"timeout, {totals['over_upload_limit']} over their upload limit, {totals['error']} other errors, "
         f"{totals['restarted']} restarted before the round.\n"
+        f"- errors other than injected faults: {totals['error']} (tracebacks in `errors.txt`).\n"
         f"- state integrity: {totals['state_mismatch']} tasks started from a state other than the last committed one.\n"
         f"- excluded devices (no configuration fits): {sum(1 for d in result.devices if d.plan is None)}.\n"
         f"- final mean fidelity: {_num(last.get('fidelity_mean'))}; final epsilon: {_num(last.get('epsilon'))}.\n",

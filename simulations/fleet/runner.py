@@ -67,6 +67,7 @@ class Device:
     fidelity: float | None = None
     peak_mib: float | None = None
     bytes_up: int = 0
+    errors: list[str] = field(default_factory=list)
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -102,22 +103,32 @@ def backend_kwargs(scenario: Scenario, work_dir: Path) -> dict[str, Any]:
         "zo": scenario.zo,
         "work_dir": str(work_dir),
         "concepts_per_device": scenario.fleet.concepts_per_device,
+        "fidelity": scenario.fleet.fidelity,
+        "eval_images": scenario.fleet.eval_images,
+        "eval_steps": scenario.fleet.eval_steps,
     }
 
 
-def calibrate(pool: WorkerPool, scenario: Scenario, work_dir: Path) -> tuple[MemoryModel, dict[str, float], dict[str, Any]]:
-    """Measure the peak of 1 and 2 batch items for every (bits, resolution) and fit the model.
+def calibration_plans(scenario: Scenario) -> list[DevicePlan]:
+    """Two plans per (bits, resolution) with different batch items, to fit the memory model.
 
-    Returns the fitted memory model, the measured peaks by plan label, and the model description
-    the backend reported (dim, timesteps, fingerprint).
+    With sequential forwards allowed: 1 item (sequential) and 2 items (batched n = 1), so every
+    batched plan with n >= 2 is an extrapolation the run then checks. Batched only: 2 and 4 items
+    (n = 1 and n = 3), so n = 2 is an interpolation.
     """
     planner = scenario.planner
-    plans = [
-        DevicePlan(bits=b, n=1, batched=batched, resolution_scale=r)
-        for b in planner.bits
-        for r in planner.resolution_scale
-        for batched in (False, True)
-    ]
+    pairs = ((1, False), (1, True)) if False in planner.batched else ((1, True), (3, True))
+    return [DevicePlan(bits=b, n=n, batched=bt, resolution_scale=r)
+            for b in planner.bits for r in planner.resolution_scale for n, bt in pairs]
+
+
+def calibrate(pool: WorkerPool, scenario: Scenario, work_dir: Path) -> tuple[MemoryModel, dict[str, float], dict[str, Any]]:
+    """Measure the peaks of `calibration_plans` and fit the memory model.
+
+    Returns the fitted memory model, the measured peaks by plan label, and the model description
+    the backend reported (dim, timesteps, and the fingerprint of each weight-bits variant).
+    """
+    plans = calibration_plans(scenario)
     jobs = []
     for i, plan in enumerate(plans):
         state = work_dir / "calibration" / f"state-{i}"
@@ -129,12 +140,14 @@ def calibrate(pool: WorkerPool, scenario: Scenario, work_dir: Path) -> tuple[Mem
         jobs.append(Job(task, math.inf))
     outcomes = pool.run(jobs)
     measured: dict[DevicePlan, float] = {}
-    model_info: dict[str, Any] = {}
+    model_info: dict[str, Any] = {"fingerprints": {}}
     for plan, out in zip(plans, outcomes, strict=True):
         if out.status != "ok" or out.peak_mib is None or out.result is None:
             raise RuntimeError(f"calibration of {plan.label} failed ({out.status}): {out.message}")
         measured[plan] = out.peak_mib
-        model_info = out.result.extra.get("model", model_info)
+        info = dict(out.result.extra["model"])
+        model_info["fingerprints"][plan.bits] = info.pop("fingerprint")
+        model_info.update(info)
     shutil.rmtree(work_dir / "calibration", ignore_errors=True)
     model = MemoryModel.fit("simulated model (calibrated)", measured)
     return model, {p.label: v for p, v in measured.items()}, model_info
@@ -208,9 +221,10 @@ def run_fleet(scenario: Scenario, out_dir: str | Path, *, progress: Progress = p
                 d.count("excluded")
         progress(f"planned: {len(eligible)} devices can train, {excluded} excluded (no configuration fits)")
         schema = WireSchema(int(model_info["dim"]), scenario.puts.buckets, int(model_info["num_train_timesteps"]))
-        server = SimulatedServer(schema, model_fingerprint=str(model_info["fingerprint"]), zo=scenario.zo,
+        server = SimulatedServer(schema, model_fingerprint=str(model_info["fingerprints"][max(model_info["fingerprints"])]), zo=scenario.zo,
                                  basis=scenario.basis, puts=scenario.puts, dp=scenario.dp, secagg=scenario.secagg,
                                  local_steps=fleet.local_steps, seed=fleet.seed)
+        server.variant_fingerprints = dict(model_info["fingerprints"])
         rounds: list[dict[str, Any]] = []
         checks: list[dict[str, Any]] = []
         for r in range(1, fleet.rounds + 1):
@@ -228,6 +242,17 @@ def run_fleet(scenario: Scenario, out_dir: str | Path, *, progress: Progress = p
     shutil.rmtree(work, ignore_errors=True)
     return FleetResult(scenario, mem_model, scale, calibration, devices, rounds, checks, model_info,
                        time.perf_counter() - t_start, restarts, baseline)
+
+
+def _for_variant(broadcast: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    """The broadcast as a device of one weight-bits variant receives it.
+
+    The engine's fingerprint covers the quantization backend, and a client refuses a round for
+    another fingerprint. A fleet that mixes bits is one base model in several variants, so the
+    server addresses each device with its variant's fingerprint (all variants share the token
+    space, hence the statistic's schema).
+    """
+    return {**broadcast, "config": {**broadcast["config"], "model-fingerprint": fingerprint}}
 
 
 def _fmt(x: float | None) -> str:
@@ -253,6 +278,7 @@ def _run_round(
     sampled = [online[i] for i in sorted(rng.choice(len(online), size=k, replace=False))] if k else []
     faults = draw_faults(scenario.faults, fleet.seed, r, [d.id for d in sampled], fleet.local_steps)
     broadcast = server.broadcast(r)
+    fingerprints = server.variant_fingerprints
     jobs: list[Job] = []
     staging: list[Path] = []
     for d in sampled:
@@ -263,7 +289,7 @@ def _run_round(
         staging.append(stage)
         cap = d.budget_mib * (1 - scenario.faults.memory_pressure_fraction if f.memory_pressure else 1.0)
         task = DeviceTask(device_id=d.id, round=r, plan=d.plan, state_dir=str(stage), data_dir=str(d.data_dir),
-                          concept=d.concept, broadcast=broadcast,
+                          concept=d.concept, broadcast=_for_variant(broadcast, fingerprints[d.plan.bits]),
                           seed=int(_rng(fleet.seed, SEED_STREAM, d.id, r).integers(0, 2**31 - 1)),
                           local_steps=fleet.local_steps, crash_at_step=f.crash_at_step, fresh_start=f.restart)
         jobs.append(Job(task, cap))
@@ -322,6 +348,8 @@ def _settle(
     assert d.plan is not None
     if outcome.status != "ok" or outcome.result is None:
         shutil.rmtree(stage, ignore_errors=True)  # killed or crashed before saving: state untouched
+        if outcome.status == "error":
+            d.errors.append(f"round {job.task.round}: {outcome.message.strip()}")
         if outcome.status == "oom" and outcome.peak_mib is not None:
             d.peak_mib = max(d.peak_mib or 0.0, outcome.peak_mib)
         return outcome.status, 0.0

@@ -71,6 +71,11 @@ class FleetConfig:
         Personal concepts each device learns.
     model_dir
         A diffusers folder to simulate with instead of the embedded default ("" = default).
+    fidelity
+        Embedded backend: ``"oracle"`` (generate and score with the synthetic world's oracle)
+        or ``"eval-loss"`` (minus the client's evaluation loss; any model).
+    eval_images, eval_steps
+        Images generated per evaluated device and sampler steps (``"oracle"``).
     """
 
     name: str = "scenario"
@@ -85,9 +90,13 @@ class FleetConfig:
     workers: int = 2
     concepts_per_device: int = 1
     model_dir: str = ""
+    fidelity: Literal["oracle", "eval-loss"] = "oracle"
+    eval_images: int = 4
+    eval_steps: int = 10
 
     def __post_init__(self) -> None:
-        for key in ("rounds", "clients_per_round", "local_steps", "workers", "concepts_per_device"):
+        for key in ("rounds", "clients_per_round", "local_steps", "workers", "concepts_per_device",
+                    "eval_images", "eval_steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"fleet.{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -104,6 +113,8 @@ class FleetConfig:
                 )
         elif self.memory_scale <= 0:
             raise ValueError(f"fleet.memory-scale must be > 0, got {self.memory_scale}")
+        if self.fidelity not in ("oracle", "eval-loss"):
+            raise ValueError(f"fleet.fidelity must be \"oracle\" or \"eval-loss\", got {self.fidelity!r}")
         if self.backend not in ("embedded", "fake"):
             raise ValueError(f"fleet.backend must be \"embedded\" or \"fake\", got {self.backend!r}")
 
