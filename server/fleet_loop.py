@@ -119,7 +119,9 @@ def query_model(grid: Grid, nodes: list[int], cfg: ServerConfig) -> tuple[str, i
 def sample_nodes(nodes: list[int], k: int, seed: int, rnd: int) -> list[int]:
     """A reproducible uniform sample of k nodes for round `rnd` (public randomness)."""
     rng = np.random.default_rng([seed, rnd])
-    return sorted(int(x) for x in rng.choice(np.asarray(sorted(nodes)), size=k, replace=False))
+    ordered = sorted(nodes)
+    # Sample indices, not ids: node ids are 64-bit unsigned and numpy would turn them into floats.
+    return sorted(ordered[int(i)] for i in rng.choice(len(ordered), size=k, replace=False))
 
 
 def run_fleet(
