@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedzoodip demo
+	$(VENV)/bin/fedzoodip simulate
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -152,3 +152,19 @@ def test_other_schedulers_and_v_prediction(tmp_path: Path) -> None:
     assert res.state.theta.shape == (1, 48)
     imgs = engine.generate(res.state, ["a photo of <tok>"], num_images=1, steps=2)
     assert imgs[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("backend", ["quanto-int8", "quanto-int4"])
+def test_quantized_engine_learns_with_frozen_weights(tiny_model_dir: Path, backend: str) -> None:
+    from zo_core.config import QuantConfig
+
+    engine = Personalizer.from_pretrained(tiny_model_dir, quant=QuantConfig(backend=backend))
+    assert engine.quant_report is not None and engine.quant_report.total_after < engine.quant_report.total_before
+    assert engine.fingerprint != Personalizer.from_pretrained(tiny_model_dir).fingerprint
+    data = engine.prepare_data_from_images(random_photos(2), TI)
+    before = {k: v.clone() for k, v in engine.unet.state_dict().items() if isinstance(v, torch.Tensor)}
+    for optimizer in ("zo", "backprop"):
+        res = engine.train(data, engine.init_state(TI), ZOConfig(tau=4), 3, optimizer=optimizer)
+        assert torch.isfinite(res.state.theta).all() and not torch.equal(res.state.theta, engine.init_state(TI).theta)
+    after = engine.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
