@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -273,23 +274,11 @@ class Personalizer:
 
         return save_learned_embeds(state.placeholder, state.theta, path)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        state: PersonalState | None,
-        prompts: Sequence[str],
-        *,
-        num_images: int = 1,
-        steps: int = 30,
-        guidance: float = 7.5,
-        seed: int = 0,
-        scheduler: str | None = None,
-    ) -> list[Image.Image]:
-        """Images for prompts that may contain the state's placeholder (rendered with its token)."""
+    def generate(self, state: PersonalState | None, prompts: Sequence[str], **options: Any) -> list[Image.Image]:
+        """Images for prompts containing the state's placeholder; options as `zo_core.generate.generate_images`."""
         from zo_core.generate import generate_images
 
-        return generate_images(self, state, prompts, num_images=num_images, steps=steps, guidance=guidance,
-                               seed=seed, scheduler=scheduler)  # fmt: skip
+        return generate_images(self, state, prompts, **options)
 
 
 def _adam_step(theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, zo: ZOConfig) -> torch.Tensor:
