@@ -65,6 +65,8 @@ class EmbeddedBackend:
         How fidelity is measured (``"oracle"`` or ``"eval-loss"``).
     eval_images, eval_steps
         Images generated per device and sampler steps, for ``"oracle"``.
+    audit
+        Return the device's token with its result (privacy audit study only).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class EmbeddedBackend:
         eval_steps: int = 10,
         work_dir: str = "",
         concepts_per_device: int = 1,
+        audit: bool = False,
     ) -> None:
         torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
         if fidelity not in ("oracle", "eval-loss"):
@@ -84,7 +87,7 @@ class EmbeddedBackend:
         if concepts_per_device != 1:
             raise ValueError("the client learns one concept per device (one placeholder per state store)")
         self.model_dir, self.zo, self.fidelity_kind = model_dir, zo or ZOConfig(), fidelity
-        self.eval_images, self.eval_steps = eval_images, eval_steps
+        self.eval_images, self.eval_steps, self.audit = eval_images, eval_steps, audit
         self.oracle = None
         if fidelity == "oracle":
             from simulations.world.oracle import Oracle
@@ -164,9 +167,13 @@ class EmbeddedBackend:
         device = self.device_config(task)
         store = EncryptedStateStore(device.state_dir, device.key_file)
         stats, metrics = run_fit_round(self.model, self._private_data(task), store, device, self._broadcast(task))
+        extra: dict[str, Any] = {"model": self.describe()}
+        if self.audit:  # simulation only: the study compares the token with what the server saw
+            theta = load_state(store, self.model, device).theta.flatten().numpy().copy()
+            init = self.model.init_state(device.ti, seed=device.seed).theta.flatten().numpy().copy()
+            extra["audit"] = {"theta": theta, "theta_init": init}
         return TaskResult(reply=stats, metrics=metrics, fidelity=float("nan"),
-                          forward_items=int(metrics["forward-passes"]), state_sha=sha,
-                          extra={"model": self.describe()})
+                          forward_items=int(metrics["forward-passes"]), state_sha=sha, extra=extra)
 
     def _private_data(self, task: DeviceTask) -> PrivateData:
         """The device's photos (taken once, on first use) encoded once and kept in memory."""

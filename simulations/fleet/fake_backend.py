@@ -83,8 +83,10 @@ def _touch(mib: float) -> np.ndarray:
 class FakeBackend:
     """The stand-in device side (see the module docstring)."""
 
-    def __init__(self, spec: FakeModelSpec | None = None, *, lr: float = 0.05, mu: float = 1e-3) -> None:
+    def __init__(self, spec: FakeModelSpec | None = None, *, lr: float = 0.05, mu: float = 1e-3,
+                 audit: bool = False) -> None:
         self.spec = spec or FakeModelSpec()
+        self.audit = audit
         self.lr = lr
         self.mu = mu
         self.targets, self.inits = concept_vectors(self.spec)
@@ -153,7 +155,8 @@ class FakeBackend:
             fidelity=float("nan"),
             forward_items=task.local_steps * task.plan.forward_items_per_step,
             state_sha=sha,
-            extra={"model": self.describe()},
+            extra={"model": self.describe(),
+                   **({"audit": {"theta": theta.copy(), "theta_init": self.inits[concept].copy()}} if self.audit else {})},
         )
 
     def evaluate(self, task: DeviceTask) -> float:

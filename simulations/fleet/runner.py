@@ -41,6 +41,8 @@ from simulations.fleet.workers import Job, Outcome, WorkerPool
 from zo_core.subspace_stats import WireSchema
 
 Progress = Callable[[str], None]
+# Called after each round's aggregation with (round, server, [(device, result) that arrived]).
+RoundHook = Callable[[int, SimulatedServer, list[tuple["Device", TaskResult]]], None]
 CALIBRATION_STEPS = 2
 SAMPLING_STREAM, CONCEPT_STREAM, SEED_STREAM = 1, 2, 3
 
@@ -68,6 +70,8 @@ class Device:
     peak_mib: float | None = None
     bytes_up: int = 0
     errors: list[str] = field(default_factory=list)
+    # Fidelity after each round the device finished locally: (round, fidelity).
+    history: list[tuple[int, float]] = field(default_factory=list)
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -97,8 +101,9 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
 def backend_kwargs(scenario: Scenario, work_dir: Path) -> dict[str, Any]:
     """Settings each worker's backend is built with."""
     if scenario.fleet.backend == "fake":
-        return {}
+        return {"audit": scenario.fleet.audit}
     return {
+        "audit": scenario.fleet.audit,
         "model_dir": scenario.fleet.model_dir or None,
         "zo": scenario.zo,
         "work_dir": str(work_dir),
@@ -188,7 +193,9 @@ def _commit(device: Device, staging: Path) -> None:
     device.committed_sha = state_sha(device.state_dir)
 
 
-def run_fleet(scenario: Scenario, out_dir: str | Path, *, progress: Progress = print) -> FleetResult:
+def run_fleet(
+    scenario: Scenario, out_dir: str | Path, *, progress: Progress = print, round_hook: RoundHook | None = None
+) -> FleetResult:
     """Run a scenario end to end and return what happened (`report.write_report` writes it out).
 
     Parameters
@@ -199,6 +206,8 @@ def run_fleet(scenario: Scenario, out_dir: str | Path, *, progress: Progress = p
         Results folder; device state folders go to ``out_dir/devices``.
     progress
         Receives one line per stage and per round.
+    round_hook
+        Optional observer of each round (studies use it; see `RoundHook`).
     """
     t_start = time.perf_counter()
     fleet = scenario.fleet
@@ -228,7 +237,7 @@ def run_fleet(scenario: Scenario, out_dir: str | Path, *, progress: Progress = p
         rounds: list[dict[str, Any]] = []
         checks: list[dict[str, Any]] = []
         for r in range(1, fleet.rounds + 1):
-            rec = _run_round(r, scenario, pool, server, devices, eligible, work, checks)
+            rec = _run_round(r, scenario, pool, server, devices, eligible, work, checks, round_hook)
             rec["excluded"] = excluded
             rounds.append(rec)
             eps = rec["epsilon"]
@@ -268,6 +277,7 @@ def _run_round(
     eligible: list[Device],
     work: Path,
     checks: list[dict[str, Any]],
+    round_hook: RoundHook | None = None,
 ) -> dict[str, Any]:
     """One round; returns its record."""
     t0 = time.perf_counter()
@@ -296,6 +306,7 @@ def _run_round(
     outcomes = pool.run(jobs) if jobs else []
     counts = dict.fromkeys(("ok", "dropped", "crash", "oom", "error", "straggler", "over_upload_limit", "restarted", "state_mismatch"), 0)
     arrived: list[TaskResult] = []
+    arrived_from: list[Device] = []
     bytes_up = 0
     sim_round_s = 0.0
     for d, job, stage, outcome in zip(sampled, jobs, staging, outcomes, strict=True):
@@ -312,11 +323,14 @@ def _run_round(
         if status == "ok":
             assert outcome.result is not None
             arrived.append(outcome.result)
+            arrived_from.append(d)
             sim_round_s = max(sim_round_s, sim_s)
     if counts["straggler"] or counts["dropped"]:
         sim_round_s = fleet.round_timeout_s
     available = max(len(eligible), 1)
     server_metrics = server.aggregate(r, arrived, sample_rate=max(len(sampled), 1) / available)
+    if round_hook is not None:
+        round_hook(r, server, list(zip(arrived_from, arrived, strict=True)))
     fid_by_profile: dict[str, list[float]] = {}
     for d in eligible:
         if d.fidelity is not None:
@@ -359,6 +373,7 @@ def _settle(
         return "state_mismatch", 0.0
     _commit(d, stage)
     d.fidelity = res.fidelity
+    d.history.append((job.task.round, res.fidelity))
     assert outcome.peak_mib is not None
     d.peak_mib = max(d.peak_mib or 0.0, outcome.peak_mib)
     slowdown = scenario.faults.straggler_slowdown if f.straggler else 1.0

@@ -76,6 +76,9 @@ class FleetConfig:
         or ``"eval-loss"`` (minus the client's evaluation loss; any model).
     eval_images, eval_steps
         Images generated per evaluated device and sampler steps (``"oracle"``).
+    audit
+        Copy each trained device's token into the harness's memory (never onto the wire) so the
+        privacy audit study can compare it with what the server could infer. Simulation only.
     """
 
     name: str = "scenario"
@@ -93,6 +96,7 @@ class FleetConfig:
     fidelity: Literal["oracle", "eval-loss"] = "oracle"
     eval_images: int = 4
     eval_steps: int = 10
+    audit: bool = False
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "local_steps", "workers", "concepts_per_device",
