@@ -29,7 +29,6 @@ CLIENT_KEYS: frozenset[str] = frozenset(
         "ti.num-vectors",
         "sim.data-root",
         "sim.state-root",
-        "sim.photos-per-concept",
         "eval.draws",
     }
 )
