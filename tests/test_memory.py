@@ -102,3 +102,49 @@ def test_materialize_touches_every_byte_once_including_quantized_storage() -> No
     # int8 data + fp32 per-row scale + fp32 bias + two fp32 scalar buffers per layer.
     expected = (256 * 128 + 128 * 4 + 128 * 4 + 8) + (128 * 64 + 64 * 4 + 64 * 4 + 8)
     assert materialize(model, None) == expected
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
+    """The benchmark driver: one subprocess per configuration, JSON + markdown report."""
+    import json
+    import subprocess
+    import sys
+
+    from zo_core.model_factory import build_tiny_sd
+
+    repo = Path(__file__).resolve().parents[1]
+    model = build_tiny_sd(tmp_path / "tiny", seed=0)
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(repo / "benchmarks" / "memory.py"), "--model-dir", str(model),
+           "--resolution", "64", "--configs", "zo-int8,ti-fp32", "--steps", "1", "--warmup", "1",
+           "--out-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((out / "memory-sd15.json").read_text())
+    runs = {r["name"]: r for r in payload["results"]}
+    assert set(runs) == {"zo-int8", "ti-fp32"}
+    for r in runs.values():
+        assert r["peak_resettable"]
+        assert r["train_peak_mib"] >= r["runtime_baseline_mib"] > 100  # torch alone is > 100 MiB
+        assert r["floor_mib"] == pytest.approx(
+            r["runtime_baseline_mib"] + r["weights_mib"] + r["one_forward_activations_mib"]
+        )
+        assert r["s_per_step"] > 0 and len(r["losses"]) == 1
+    assert runs["zo-int8"]["forward_passes_per_step"] == 3 and runs["ti-fp32"]["forward_passes_per_step"] == 1
+    assert runs["zo-int8"]["weights_mib"] < runs["ti-fp32"]["weights_mib"] / 2
+    table = (out / "memory-sd15.md").read_text()
+    assert "| (c) ZO n=2, quanto int8" in table and "ZO int8 peak / backprop TI fp32 peak" in table
+
+
+def test_memory_benchmark_rejects_bad_flags() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = str(repo / "benchmarks" / "memory.py")
+    bad = subprocess.run([sys.executable, script, "--configs", "zo-int8,zo-int9"], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "unknown configuration(s) ['zo-int9']" in bad.stderr
+    bad = subprocess.run([sys.executable, script, "--resolution", "100"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "multiple of 64" in bad.stderr

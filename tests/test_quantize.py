@@ -267,3 +267,29 @@ def test_bnb_load_time_config_for_cuda() -> None:
         bnb_quantization_config("quanto-int8", "unet", "diffusers")
     with pytest.raises(ValueError, match="component must be one of"):
         bnb_quantization_config("bnb-int8", "tokenizer", "diffusers")
+
+
+def _mapped_ranges(folder: Path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if str(folder) in line:
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+@pytest.mark.parametrize("backend", ["quanto-int8", "bnb-nf4"])
+def test_quantizing_releases_the_memory_mapped_float_file(backend: str, tmp_path: Path) -> None:
+    """A float bias left as a view into the mapped safetensors file would keep the whole float file
+    resident next to the quantized weights; quantization must copy what stays float and let go."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    folder = build_tiny_sd(tmp_path / "m", seed=1) / "unet"
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    mapped = _mapped_ranges(folder)
+    assert mapped and all(any(a <= p.data_ptr() < b for a, b in mapped) for p in unet.parameters())
+    quantize_pipeline_components(unet, nn.Linear(1, 1), None, backend)
+    gc.collect()
+    assert _mapped_ranges(folder) == []

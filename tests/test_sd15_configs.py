@@ -53,7 +53,10 @@ def test_random_sd_folder_loads_padded_typed_and_seeded(tmp_path: Path) -> None:
     tok = CLIPTokenizer.from_pretrained(a / "tokenizer")
     text = CLIPTextModel.from_pretrained(a / "text_encoder")
     emb = text.get_input_embeddings().weight
-    assert emb.shape == (1000, 32) and len(tok) < 1000  # padded to the configured vocabulary
+    assert emb.shape == (1000, 32) and len(tok) == 1000  # both padded to the configured vocabulary
+    assert (tok.bos_token_id, tok.eos_token_id) == (998, 999)  # special tokens last, as in CLIP
+    words = tok("a photo of the dog", add_special_tokens=False).input_ids
+    assert len(words) == 5 and max(words) < 600  # words are single tokens; fillers never produced
     assert emb.dtype == torch.float16
     assert text.config.eos_token_id == tok.eos_token_id
     assert isinstance(PNDMScheduler.from_pretrained(a / "scheduler"), PNDMScheduler)
@@ -72,3 +75,14 @@ def test_random_sd_rejects_bad_vocab_and_dtype(tmp_path: Path) -> None:
         build_random_sd(tmp_path / "x", **_small_configs(10))
     with pytest.raises(ValueError, match="dtype must be"):
         build_random_sd(tmp_path / "y", **_small_configs(1000), dtype=torch.int8)
+
+
+def test_engine_loads_the_padded_model_and_registers_a_placeholder(tmp_path: Path) -> None:
+    from zo_core.config import TIConfig
+    from zo_core.engine import Personalizer
+
+    folder = build_random_sd(tmp_path / "m", **_small_configs(1000), seed=1)
+    model = Personalizer.from_pretrained(folder)
+    state = model.init_state(TIConfig(placeholder="<thing>", initializer="dog"), seed=0)
+    assert state.theta.shape == (1, 32) and model.token_dim == 32
+    assert model.registry.ids["<thing>"] >= 1000  # outside the (padded) embedding table

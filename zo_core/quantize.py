@@ -337,6 +337,23 @@ def _bnb(module: nn.Module, kind: Literal["int8", "nf4"]) -> None:
         _set_child(module, name, q)
 
 
+def _own_float_storage(module: nn.Module) -> None:
+    """Copy the tensors quantization left in float (biases, norms, embeddings) into own memory.
+
+    diffusers and transformers load safetensors through a memory map; a float tensor from it is a
+    view into the whole file's mapping, and the mapping stays (with every page quantization read
+    still resident) as long as ANY such view lives. Without this copy, a quantized SD1.5 UNet keeps
+    its 3.3 GiB float file resident beside its 0.8 GiB of int8 weights (measured: RSS 4.6 GiB vs
+    1.4 GiB after the copy). Copying the small float remainder releases the file.
+    """
+    seen: set[int] = set()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        # plain float / int tensors only: quantized ones (tensor subclasses) are fresh allocations
+        if type(tensor) in (nn.Parameter, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensor.data = tensor.data.clone()  # same object (hooks, identity kept), own storage
+
+
 def quantize_module(module: nn.Module, scheme: Scheme) -> tuple[int, int]:
     """Quantize one model in place with `scheme` and freeze all its parameters.
 
@@ -364,6 +381,8 @@ def quantize_module(module: nn.Module, scheme: Scheme) -> tuple[int, int]:
         raise ValueError(
             f"scheme must be one of ['float', 'quanto-int8', 'quanto-int4', 'bnb-int8', 'bnb-nf4'], got {scheme!r}"
         )
+    if scheme != "float":
+        _own_float_storage(module)
     # Freeze everything: quanto's freeze() wraps quantized weights in fresh nn.Parameters, which
     # default to requires_grad=True and would make autograd keep weight gradients it never needs.
     for param in module.parameters():

@@ -9,20 +9,23 @@ the text encoder is the text tower of OpenAI CLIP ViT-L/14). Parameter counts th
 
 The folder is written in diffusers layout, so the engine loads it through its normal path. Its
 tokenizer is the offline word-list BPE of :mod:`zo_core.model_factory` (the real CLIP vocabulary
-is not available offline); the text encoder's embedding table keeps the real 49,408 rows, so its
-size, and the engine's work, are SD1.5's.
+is not available offline), padded to the text encoder's 49,408 entries with unreachable filler
+tokens and with ``<|startoftext|>`` / ``<|endoftext|>`` last (ids 49406 / 49407), as in CLIP's own
+vocabulary. Padding the tokenizer too (not only the embedding table) matters: the engine gives
+placeholders the ids after the tokenizer's vocabulary and requires them to lie outside the table.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zo_core.model_factory import DEFAULT_WORDS, save_clip_tokenizer
+from zo_core.model_factory import BOS, DEFAULT_WORDS, EOS, build_clip_tokenizer_files
 
 __all__ = [
     "SD15_PARAM_COUNTS",
@@ -32,6 +35,7 @@ __all__ = [
     "SD15_VAE",
     "build_random_sd",
     "build_sd15_random",
+    "save_padded_clip_tokenizer",
     "sd15_configs",
 ]
 
@@ -110,6 +114,33 @@ def sd15_configs() -> dict[str, dict[str, Any]]:
     }
 
 
+def save_padded_clip_tokenizer(words: Sequence[str], out_dir: str | Path, vocab_size: int) -> Path:
+    """Write a word-list CLIP BPE tokenizer with exactly `vocab_size` entries.
+
+    The word-list vocabulary (:func:`zo_core.model_factory.build_clip_tokenizer_files`) is filled up
+    with ``<|unused-N|>`` entries that no merge produces, so text tokenizes exactly as without them;
+    the special tokens come last, where CLIP has them.
+
+    Raises
+    ------
+    ValueError
+        If the word-list vocabulary alone is larger than `vocab_size`.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_tokenizer_files(words)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"text_encoder vocab_size {vocab_size} is smaller than the tokenizer's {len(vocab)} tokens")
+    tokens = [t for t in sorted(vocab, key=vocab.__getitem__) if t not in (BOS, EOS)]
+    tokens += [f"<|unused-{i}|>" for i in range(vocab_size - len(tokens) - 2)] + [BOS, EOS]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    CLIPTokenizer.from_pretrained(out, model_max_length=77).save_pretrained(out)  # + tokenizer_config.json
+    return out
+
+
 def build_random_sd(
     out_dir: str | Path,
     *,
@@ -129,8 +160,8 @@ def build_random_sd(
         Destination; created if missing.
     unet, vae, text_encoder, scheduler : dict
         Component configs (diffusers UNet2DConditionModel / AutoencoderKL, transformers
-        CLIPTextConfig, diffusers PNDMScheduler). The text encoder's ``vocab_size`` must be at least
-        the tokenizer's size; the extra rows pad the embedding table to the configured size.
+        CLIPTextConfig, diffusers PNDMScheduler). The tokenizer is padded to the text encoder's
+        ``vocab_size`` (see :func:`save_padded_clip_tokenizer`).
     dtype : torch.dtype
         Storage dtype of the weights (float32, float16 or bfloat16).
     words : sequence of str
@@ -144,13 +175,8 @@ def build_random_sd(
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     out = Path(out_dir)
-    save_clip_tokenizer(words, out / "tokenizer")
+    save_padded_clip_tokenizer(words, out / "tokenizer", int(text_encoder.get("vocab_size", 0)))
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    vocab = int(text_encoder.get("vocab_size", 0))
-    if vocab < len(tokenizer):
-        raise ValueError(
-            f"text_encoder vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens"
-        )
     text_cfg = CLIPTextConfig(
         **text_encoder,
         bos_token_id=tokenizer.bos_token_id,
@@ -164,11 +190,13 @@ def build_random_sd(
         unet_model = UNet2DConditionModel(**unet)
         vae_model = AutoencoderKL(**vae)
         text_model = CLIPTextModel(text_cfg)
+    if dtype != torch.float32:  # constructors build float32; cast only when asked (diffusers warns)
+        unet_model, vae_model, text_model = (m.to(dtype) for m in (unet_model, vae_model, text_model))
     pipe = StableDiffusionPipeline(
-        vae=vae_model.to(dtype),
-        text_encoder=text_model.to(dtype),
+        vae=vae_model,
+        text_encoder=text_model,
         tokenizer=tokenizer,
-        unet=unet_model.to(dtype),
+        unet=unet_model,
         scheduler=PNDMScheduler(**scheduler),
         safety_checker=None,
         feature_extractor=None,
