@@ -1,0 +1,267 @@
+"""Does the fleet help? Newcomer devices with the fleet's basis and window vs solo ZOODiP.
+
+Protocol (per seed):
+
+1. **Fleet phase.** `--veterans` devices, each with a personal concept of the embedded world,
+   personalize for `--fleet-rounds` rounds of `--fleet-steps` steps through the real client code
+   (`client.task.run_fit_round`: encrypted state, statistic, probe steps) and the real server math
+   (`server.fleet_state.FleetState`: validated sum, optional DP noise, basis, window). Two fleets
+   are run: without noise, and with DP noise multiplier `--dp-sigma` (its epsilon is reported).
+2. **Newcomer phase.** `--newcomers` devices with concepts the fleet never saw learn their token
+   from scratch for `--steps` steps in three arms with the same ZO seeds: `solo` (no basis, the
+   paper's window [500, 900)), `fleet` (basis and window of the noiseless fleet) and `fleet-dp`.
+   Every `--eval-every` steps the token is scored: with the oracle (fraction of generated
+   "a photo of <concept>" images that carry all identity attributes), or, with `--metric loss`,
+   by the denoising loss on fixed draws over all timesteps.
+3. Reported per arm: forward passes until the score first reaches `--threshold`, the final score,
+   and the curves; mean and spread over newcomers x seeds.
+
+The split rotates with the seed, so every concept is a newcomer for some seed.
+The DP noise here comes from a seeded generator so the benchmark is reproducible; production
+noise comes from `server.privacy.secure_noise_generator`.
+
+Usage::
+
+    python benchmarks/federated.py                    # embedded model + oracle, default budget
+    python benchmarks/federated.py --seeds 0 1 2 --steps 600
+    python benchmarks/federated.py --model-dir DIR --metric loss   # any SD folder, loss only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.state_store import EncryptedStateStore
+from client.task import DeviceConfig, ModelCache, evaluate_state, run_fit_round
+from server.config import BasisConfig, DPConfig, PutsConfig
+from server.fleet_state import FleetState, sum_statistics
+from zo_core.config import ZOConfig
+from zo_core.engine import Personalizer
+from zo_core.subspace_stats import RoundBroadcast, WireSchema
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_WINDOW = (500, 900)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_dir: str | None
+    seeds: tuple[int, ...]
+    veterans: int
+    newcomers: int
+    fleet_rounds: int
+    fleet_steps: int
+    probe_steps: int
+    steps: int
+    eval_every: int
+    metric: str
+    threshold: float
+    images: int
+    eval_draws: int
+    basis_rank: int
+    basis_weight: float
+    dp_sigma: float
+    lr: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("oracle", "loss"):
+            raise ValueError(f"metric must be 'oracle' or 'loss', got {self.metric!r}")
+        if self.steps % self.eval_every:
+            raise ValueError("steps must be a multiple of eval-every")
+        if min(self.veterans, self.newcomers, self.fleet_rounds, self.fleet_steps, self.steps) < 1:
+            raise ValueError("veterans, newcomers, fleet-rounds, fleet-steps and steps must be >= 1")
+        if not 0 <= self.basis_weight <= 1 or not self.dp_sigma > 0:
+            raise ValueError("basis-weight must lie in [0, 1] and dp-sigma be > 0")
+
+
+def _concepts() -> list[Any]:
+    from simulations.world.concepts import get_concept, list_concepts
+
+    return [get_concept(n) for n in list_concepts()]
+
+
+def _device(root: Path, concept: Any, seed: int, cfg: BenchConfig) -> DeviceConfig:
+    data = root / concept.name / "photos"
+    if not data.is_dir():
+        concept.write_photos(data, seed=seed)
+    state = root / concept.name / "state"
+    return DeviceConfig(data_dir=data, state_dir=state, key_file=state / "device.key", model_dir=cfg.model_dir,
+                        placeholder=concept.placeholder, initializer=concept.initializer, lr=cfg.lr, seed=seed)  # fmt: skip
+
+
+def fleet_phase(model: Personalizer, cache: ModelCache, veterans: list[Any], cfg: BenchConfig, seed: int,
+                root: Path, *, dp: bool) -> dict[str, Any]:  # fmt: skip
+    """Veterans personalize and share statistics; returns the basis, window and epsilon."""
+    schema = WireSchema(model.token_dim, 10, model.num_train_timesteps)
+    fleet = FleetState(schema, basis=BasisConfig(rank=cfg.basis_rank, weight=cfg.basis_weight), puts=PutsConfig(),
+                       dp=DPConfig(enabled=dp, noise_multiplier=cfg.dp_sigma, epsilon_budget=1e6),
+                       noise_rng=np.random.default_rng([seed, 7]) if dp else None)  # fmt: skip
+    devices = [_device(root, c, seed, cfg) for c in veterans]
+    epsilon = None
+    for rnd in range(1, cfg.fleet_rounds + 1):
+        b = RoundBroadcast(round=rnd, local_steps=cfg.fleet_steps, probe_steps=cfg.probe_steps, n=2, mu=1e-3,
+                           puts_low=fleet.window[0], puts_high=fleet.window[1], basis_version=fleet.basis_version,
+                           basis_weight=cfg.basis_weight if fleet.basis is not None else 0.0,
+                           model_fingerprint=model.fingerprint, dim=schema.dim, num_buckets=schema.num_buckets,
+                           num_train_timesteps=schema.num_train_timesteps, basis=fleet.basis)  # fmt: skip
+        stats = []
+        for dev in devices:
+            store = EncryptedStateStore(dev.state_dir, dev.key_file)
+            s, _ = run_fit_round(model, cache.data(model, dev), store, dev, b)
+            stats.append(s)
+        epsilon = fleet.absorb(sum_statistics(stats, schema), contributors=len(stats), sample_rate=1.0).epsilon
+    assert fleet.basis is not None
+    return {"basis": fleet.basis, "window": fleet.window, "epsilon": epsilon}
+
+
+def score(model: Personalizer, data: Any, state: Any, concept: Any, cfg: BenchConfig, oracle: Any) -> float:
+    if cfg.metric == "loss":
+        return evaluate_state(model, data, state, (0, model.num_train_timesteps), cfg.eval_draws)
+    images = model.generate(state, [f"a photo of {concept.placeholder}"] * cfg.images, steps=20, seed=1234)
+    return float(oracle.concept_fidelity(images, concept)["match"])
+
+
+def newcomer_run(model: Personalizer, cache: ModelCache, dev: DeviceConfig, concept: Any, cfg: BenchConfig,
+                 arm: dict[str, Any], oracle: Any) -> dict[str, Any]:  # fmt: skip
+    """Personalize from scratch in one arm; score every eval-every steps."""
+    data = cache.data(model, dev)
+    state = model.init_state(dev.ti, seed=dev.seed)
+    zo = ZOConfig(n=2, mu=1e-3, lr=cfg.lr, puts=arm["window"])
+    basis = None if arm["basis"] is None else torch.from_numpy(arm["basis"])
+    curve = [(0, score(model, data, state, concept, cfg, oracle))]
+    passes = 0
+    for _ in range(cfg.steps // cfg.eval_every):
+        res = model.train(data, state, zo, cfg.eval_every, basis=basis, basis_weight=arm["weight"])
+        state, passes = res.state, passes + res.forward_passes
+        curve.append((passes, score(model, data, state, concept, cfg, oracle)))
+    better = (lambda v: v <= cfg.threshold) if cfg.metric == "loss" else (lambda v: v >= cfg.threshold)
+    reached = next((p for p, v in curve if better(v)), None)
+    return {"curve": curve, "final": curve[-1][1], "passes_to_threshold": reached}
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    cache = ModelCache()
+    model = cache.model(cfg.model_dir, "none")
+    oracle = None
+    if cfg.metric == "oracle":
+        from simulations.world.oracle import Oracle
+
+        oracle = Oracle.load()
+    concepts = _concepts()
+    if cfg.veterans + cfg.newcomers > len(concepts):
+        raise ValueError(f"veterans + newcomers must be <= {len(concepts)} world concepts")
+    per_seed = []
+    t0 = time.time()
+    for seed in cfg.seeds:
+        shift = (seed * cfg.newcomers) % len(concepts)
+        order = concepts[shift:] + concepts[:shift]
+        newcomers, veterans = order[: cfg.newcomers], order[cfg.newcomers : cfg.newcomers + cfg.veterans]
+        with tempfile.TemporaryDirectory() as tmp:
+            fleets = {dp: fleet_phase(model, cache, veterans, cfg, seed, Path(tmp) / f"fleet-{dp}", dp=dp)
+                      for dp in (False, True)}  # fmt: skip
+            arms = {
+                "solo": {"basis": None, "window": PAPER_WINDOW, "weight": 0.0},
+                "fleet": {"basis": fleets[False]["basis"], "window": fleets[False]["window"], "weight": cfg.basis_weight},
+                "fleet-dp": {"basis": fleets[True]["basis"], "window": fleets[True]["window"], "weight": cfg.basis_weight},
+            }  # fmt: skip
+            runs: dict[str, dict[str, Any]] = {a: {} for a in arms}
+            for c in newcomers:
+                dev = _device(Path(tmp) / "newcomers", c, seed, cfg)
+                for name, arm in arms.items():
+                    runs[name][c.name] = newcomer_run(model, cache, dev, c, cfg, arm, oracle)
+                    print(f"seed {seed} {c.name:>10} {name:>8}: final {runs[name][c.name]['final']:.4f} "
+                          f"passes-to-threshold {runs[name][c.name]['passes_to_threshold']}", flush=True)  # fmt: skip
+        per_seed.append({"seed": seed, "veterans": [c.name for c in veterans], "newcomers": [c.name for c in newcomers],
+                         "fleet_window": list(fleets[False]["window"]), "fleet_dp_window": list(fleets[True]["window"]),
+                         "fleet_dp_epsilon": fleets[True]["epsilon"], "runs": runs})  # fmt: skip
+    return {"config": asdict(cfg), "model_fingerprint": model.fingerprint, "token_dim": model.token_dim,
+            "machine": platform.processor() or platform.machine(), "wall_s": round(time.time() - t0, 1),
+            "per_seed": per_seed, "summary": summarize(per_seed, cfg)}  # fmt: skip
+
+
+def summarize(per_seed: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for arm in ("solo", "fleet", "fleet-dp"):
+        finals = [r["final"] for s in per_seed for r in s["runs"][arm].values()]
+        passes = [r["passes_to_threshold"] for s in per_seed for r in s["runs"][arm].values()]
+        hit = [p for p in passes if p is not None]
+        out[arm] = {"final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+                    "reached": f"{len(hit)}/{len(passes)}",
+                    "passes_median_of_reached": float(np.median(hit)) if hit else None}  # fmt: skip
+    # paired: same newcomer, same seed, fleet minus solo
+    diffs = [s["runs"]["fleet"][c]["final"] - s["runs"]["solo"][c]["final"] for s in per_seed for c in s["runs"]["solo"]]
+    out["fleet_minus_solo_final"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "n": len(diffs)}
+    return out
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    cfg, s = result["config"], result["summary"]
+    better = "lower" if cfg["metric"] == "loss" else "higher"
+    lines = [
+        "# Fleet basis + window vs solo ZOODiP (benchmarks/federated.py)", "",
+        f"Metric: `{cfg['metric']}` ({better} is better), threshold {cfg['threshold']}; "
+        f"{cfg['newcomers']} newcomers x seeds {cfg['seeds']}; {cfg['steps']} steps each; fleet of "
+        f"{cfg['veterans']} veterans x {cfg['fleet_rounds']} rounds x {cfg['fleet_steps']} steps; basis rank "
+        f"{cfg['basis_rank']}, weight {cfg['basis_weight']}; DP noise multiplier {cfg['dp_sigma']}. "
+        f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
+        "| arm | final (mean +- std) | reached threshold | forward passes to threshold (median of those that reached) |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+    for arm in ("solo", "fleet", "fleet-dp"):
+        a = s[arm]
+        lines.append(f"| {arm} | {a['final_mean']:.4f} +- {a['final_std']:.4f} | {a['reached']} | "
+                     f"{a['passes_median_of_reached']} |")  # fmt: skip
+    d = s["fleet_minus_solo_final"]
+    eps = [p["fleet_dp_epsilon"] for p in result["per_seed"]]
+    lines += ["", f"Paired difference fleet - solo in the final score: {d['mean']:+.4f} +- {d['std']:.4f} "
+              f"(n = {d['n']}). DP fleet epsilon at delta 1e-5: {eps}.", "",
+              "Fleet windows per seed: " + ", ".join(str(p["fleet_window"]) for p in result["per_seed"])]  # fmt: skip
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=None, help="SD folder (default: the embedded tinyworld model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--veterans", type=int, default=3)
+    p.add_argument("--newcomers", type=int, default=3)
+    p.add_argument("--fleet-rounds", type=int, default=3)
+    p.add_argument("--fleet-steps", type=int, default=100)
+    p.add_argument("--probe-steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--metric", choices=("oracle", "loss"), default="oracle")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--eval-draws", type=int, default=32)
+    p.add_argument("--basis-rank", type=int, default=8)
+    p.add_argument("--basis-weight", type=float, default=0.5)
+    p.add_argument("--dp-sigma", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--out", type=Path, default=RESULTS / "federated")
+    a = p.parse_args(argv)
+    cfg = BenchConfig(model_dir=a.model_dir, seeds=tuple(a.seeds), veterans=a.veterans, newcomers=a.newcomers,
+                      fleet_rounds=a.fleet_rounds, fleet_steps=a.fleet_steps, probe_steps=a.probe_steps,
+                      steps=a.steps, eval_every=a.eval_every, metric=a.metric, threshold=a.threshold,
+                      images=a.images, eval_draws=a.eval_draws, basis_rank=a.basis_rank,
+                      basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr)  # fmt: skip
+    result = run(cfg)
+    write(result, a.out)
+    print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
