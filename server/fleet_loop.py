@@ -287,6 +287,7 @@ def _plain_round(
         replied.add(nid)
         if reply.has_error():
             errors[str(nid)] = f"{reply.error.code}: {reply.error.reason}"
+            log.warning("round %d: node %d replied with an error: %s", broadcast.round, nid, errors[str(nid)])
             continue
         try:
             stats, m = parse_fit_reply(reply.content, schema)
@@ -297,11 +298,14 @@ def _plain_round(
         accepted.append(stats)
         metrics[str(nid)] = m
     total = sum_statistics(accepted, schema) if accepted else None
+    dropped = sorted(set(sampled) - replied)
+    if dropped:
+        log.warning("round %d: no reply within %s s from nodes %s", broadcast.round, cfg.fleet.round_timeout_s, dropped)
     return total, len(accepted), {
         "metrics": metrics,
         "errors": errors,
         "rejected": rejected,
-        "dropped": sorted(set(sampled) - replied),
+        "dropped": dropped,
     }
 
 
