@@ -211,6 +211,13 @@ def run_fit_round(
             f"broadcast schema (D={broadcast.dim}, T={broadcast.num_train_timesteps}) does not match "
             f"this device (D={D}, T={model.num_train_timesteps})"
         )
+    if device.memory_budget_mib and peak_rss_mib() > device.memory_budget_mib:
+        # The model and the encoded photos are loaded by now: a device already over its budget
+        # refuses the round instead of training into an out-of-memory kill mid-write.
+        raise MemoryError(
+            f"peak resident memory {peak_rss_mib():.0f} MiB exceeds this device's budget of "
+            f"{device.memory_budget_mib:.0f} MiB before training; use a quantized backend or a smaller model"
+        )
     state = load_state(store, model, device)
     zo = ZOConfig(n=broadcast.n, mu=broadcast.mu, lr=device.lr, puts=(broadcast.puts_low, broadcast.puts_high))
     basis = None if broadcast.basis is None else torch.from_numpy(np.asarray(broadcast.basis, dtype=np.float32))

@@ -209,3 +209,12 @@ def test_allowlist_refuses_a_query_reply_with_extra_fields() -> None:
     reply = _fake_app(make)(make_message(RecordDict({QUERY_CONFIG_KEY: ConfigRecord({"ask": "model"})}),
                                          MessageType.QUERY), CTX)  # fmt: skip
     assert reply.has_error() and "fields" in reply.error.reason
+
+
+def test_device_over_its_memory_budget_refuses_the_round(device: Context, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = MODELS.model(str(tiny_model_dir), "none")
+    tight = Context(run_id=1, node_id=7, node_config={**device.node_config, "memory-budget-mib": 1.0},
+                    state=RecordDict(), run_config={})  # type: ignore[arg-type]  # fmt: skip
+    reply = build_client_app()(make_message(fit_content(broadcast_for(model)), MessageType.TRAIN), tight)
+    assert reply.has_error() and "MemoryError" in reply.error.reason and "budget" in reply.error.reason
+    assert not (tmp_path / "state" / "personal-state.enc").exists()
