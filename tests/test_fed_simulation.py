@@ -219,11 +219,11 @@ def stand_in_app(cfg: dict[str, Any]) -> ClientApp:
     return app
 
 
-def test_secagg_sum_equals_plain_sum_and_server_never_sees_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secagg_with_dp_sum_equals_plain_sum_and_server_never_sees_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _pickle_this_module_by_value()
     cfg = {"num-rounds": 1, "clients-per-round": 3, "min-nodes": 3, "min-replies": 3, "basis.rank": 2,
            "secagg.enabled": True, "secagg.num-shares": 3, "secagg.reconstruction-threshold": 2,
-           "run-dir": str(tmp_path / "run")}  # fmt: skip
+           "dp.enabled": True, "dp.noise-multiplier": 2.0, "run-dir": str(tmp_path / "run")}  # fmt: skip
     seen_totals: list[np.ndarray] = []
     seen_params: list[list[bytes]] = []
     absorb, aggregate_fit = fleet_state.FleetState.absorb, secure_aggregation._RoundStrategy.aggregate_fit
@@ -243,6 +243,7 @@ def test_secagg_sum_equals_plain_sum_and_server_never_sees_one(tmp_path: Path, m
     assert summary["completed_rounds"] == 1
     record = json.loads((tmp_path / "run" / "rounds" / "round-0001.json").read_text())
     assert record["status"] == "ok" and record["secure"] and record["update"]["contributors"] == 3
+    assert record["update"]["epsilon"] > 0  # DP noise on the secure sum, accounted
     plain = sum(flatten_statistic(known_statistic(pid)) for pid in range(3))
     (secure,) = seen_totals
     # SecAgg+ quantizes [-1, 1] onto 2^22 levels per client: error <= n * 2 / 2^22 per entry
