@@ -22,9 +22,7 @@ or a lower resolution are refused here with a clear error rather than silently r
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +31,7 @@ import torch
 from client.state_store import EncryptedStateStore
 from client.task import DeviceConfig, evaluate_state, load_state, run_fit_round
 from simulations.fleet.backend import DeviceTask, InjectedCrash, TaskResult, state_sha
+from simulations.fleet.workers import release_memory
 from simulations.world.concepts import Concept, get_concept, list_concepts
 from zo_core.config import QuantConfig, ZOConfig
 from zo_core.engine import Personalizer, PrivateData
@@ -41,15 +40,6 @@ from zo_core.subspace_stats import RoundBroadcast
 Fidelity = Literal["oracle", "eval-loss"]
 BITS_TO_QUANT = {32: "none", 8: "quanto-int8", 4: "quanto-int4"}
 CALIBRATION_BUCKETS = 10
-
-
-def _release_memory() -> None:
-    """Return freed heap pages to the OS, so the next device's peak is not inflated by garbage."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the allocator keeps the pages; peaks are then conservative
-        pass
 
 
 class EmbeddedBackend:
@@ -107,7 +97,7 @@ class EmbeddedBackend:
         if bits not in BITS_TO_QUANT:
             raise ValueError(f"the embedded backend runs bits {sorted(BITS_TO_QUANT)}, got {bits}")
         self.model, self._data = None, {}
-        _release_memory()
+        release_memory()
         quant = QuantConfig(backend=BITS_TO_QUANT[bits])  # type: ignore[arg-type]
         self.model = Personalizer.from_pretrained(self.model_dir, quant=quant)
         self.bits = bits

@@ -17,6 +17,7 @@ exactly the state last committed (``state_sha``).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -215,8 +216,12 @@ def run_fleet(
     store = out / "devices"
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    progress(f"fleet: {scenario.num_devices} devices, {fleet.rounds} rounds, {fleet.workers} workers, backend {fleet.backend}")
-    with WorkerPool(BACKENDS[fleet.backend], backend_kwargs(scenario, work), fleet.workers) as pool:
+    # Concurrency is bounded by the cores: more workers than cores only adds model copies.
+    workers = min(fleet.workers, os.cpu_count() or 1)
+    progress(f"fleet: {scenario.num_devices} devices, {fleet.rounds} rounds, backend {fleet.backend}, "
+             f"{workers} workers" + (f" (fleet.workers = {fleet.workers} bounded by {workers} CPU cores)"
+                                     if workers < fleet.workers else ""))
+    with WorkerPool(BACKENDS[fleet.backend], backend_kwargs(scenario, work), workers) as pool:
         t0 = time.perf_counter()
         mem_model, calibration, model_info = calibrate(pool, scenario, work)
         scale = auto_memory_scale(mem_model) if fleet.memory_scale == "auto" else float(fleet.memory_scale)

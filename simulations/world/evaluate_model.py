@@ -97,6 +97,26 @@ def prompt_following(
     return result, images, prompts
 
 
+@torch.no_grad()
+def reconstruction_accuracy(pipe: Any, oracle: Oracle, *, n: int, seed: int) -> dict[str, float]:
+    """Oracle accuracy per attribute on VAE reconstructions of renders: the ceiling the VAE sets.
+
+    The UNet can only produce what the decoder can draw; this separates VAE losses (e.g. fine
+    patterns) from prompt-following losses of the UNet and text encoder.
+    """
+    from simulations.world.oracle import to_tensor
+    from simulations.world.render import render_batch
+
+    rng = np.random.default_rng([seed, 8])
+    scenes = [sample_scene(rng) for _ in range(n)]
+    x = to_tensor(render_batch(scenes, rng))
+    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    preds = oracle.predict(arr)
+    return {a: float(np.mean([p[a] == getattr(s, a) for p, s in zip(preds, scenes, strict=True)]))
+            for a in ATTRIBUTES}
+
+
 def save_grid(images: list[Image.Image], path: Path, cols: int = 8, scale: int = 2) -> None:
     """Save images as one grid PNG (nearest-neighbour upscaled for legibility)."""
     w, h = images[0].size
@@ -125,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.model)
     result, images, prompts = prompt_following(pipe, Oracle.load(), n=args.n, seed=args.seed,
                                                steps=args.steps, guidance=args.guidance)
+    result["vae_reconstruction_accuracy"] = reconstruction_accuracy(
+        pipe, Oracle.load(), n=args.n, seed=args.seed)
     if args.grid is not None:
         save_grid(images[:32], args.grid)
         args.grid.with_suffix(".txt").write_text(

@@ -47,7 +47,8 @@ class TrainConfig:
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_groups: int = 8
     latent_channels: int = 4
-    vae_steps: int = 900
+    vae_steps: int = 1800
+    vae_cycle: int = 900  # cosine warm restarts (SGDR) every this many VAE steps
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
@@ -58,7 +59,7 @@ class TrainConfig:
     unet_channels: tuple[int, ...] = (48, 96)
     unet_heads: int = 4  # diffusers' legacy `attention_head_dim` is the number of heads
     unet_groups: int = 16
-    unet_steps: int = 1000
+    unet_steps: int = 800
     unet_batch: int = 48
     unet_lr: float = 1e-3
     warmup: int = 50
@@ -76,6 +77,8 @@ class TrainConfig:
         if len(self.vae_channels) != 3:
             raise ValueError("vae_channels must have 3 entries (4x downsampling), "
                              f"got {self.vae_channels}")
+        if self.vae_cycle <= self.warmup:
+            raise ValueError(f"vae_cycle ({self.vae_cycle}) must exceed warmup ({self.warmup})")
         if not 0 <= self.cfg_drop < 1 or not 0 <= self.caption_drop < 1:
             raise ValueError("cfg_drop and caption_drop must be in [0, 1)")
         if self.token_dim % self.text_heads != 0:
@@ -132,8 +135,15 @@ def _images(rng: np.random.Generator, n: int, resolution: int) -> tuple[torch.Te
     return pixels.float() / 127.5 - 1.0, scenes  # (n, 3, H, W) in [-1, 1], SD's convention
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 5% (short runs need the decay to settle)."""
+def _lr(step: int, total: int, base: float, warmup: int, cycle: int | None = None) -> float:
+    """Linear warmup then cosine decay to 5% (short runs need the decay to settle).
+
+    With `cycle`, the cosine restarts every `cycle` steps (SGDR, Loshchilov & Hutter 2017): the
+    VAE is still improving when one decay ends, and a restart resumes the climb from a settled
+    point instead of a fresh schedule.
+    """
+    if cycle is not None:
+        step, total = step % cycle, cycle
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -184,7 +194,7 @@ def train_vae(cfg: TrainConfig, vae: torch.nn.Module, ck: Checkpointer, log_file
         loss_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         loss = loss_rec + cfg.vae_kl * posterior.kl().mean()
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup, cfg.vae_cycle)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
