@@ -39,6 +39,7 @@ from zo_core.subspace_stats import RoundBroadcast
 
 Fidelity = Literal["oracle", "eval-loss"]
 BITS_TO_QUANT = {32: "none", 8: "quanto-int8", 4: "quanto-int4"}
+FIDELITY_LABELS = {"oracle": "oracle feature cosine with the concept's photos", "eval-loss": "minus the evaluation loss"}
 CALIBRATION_BUCKETS = 10
 
 
@@ -110,7 +111,7 @@ class EmbeddedBackend:
         """D, T and the fingerprint of the loaded model, and the fidelity metric."""
         assert self.model is not None
         return {"dim": self.model.token_dim, "num_train_timesteps": self.model.num_train_timesteps,
-                "fingerprint": self.model.fingerprint, "fidelity": self.fidelity_kind,
+                "fingerprint": self.model.fingerprint, "fidelity": FIDELITY_LABELS[self.fidelity_kind],
                 "token_dim": self.model.token_dim, "resolution": self.model.info.resolution}
 
     # --- one device ---------------------------------------------------------------------------

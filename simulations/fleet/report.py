@@ -134,7 +134,7 @@ def _plot_fidelity(result: FleetResult, path: Path) -> None:
         if any(y is not None for y in ys):
             ax.plot(rounds, [float("nan") if y is None else y for y in ys], marker="o", label=name)
     ax.set_xlabel("round")
-    ax.set_ylabel("fidelity (mean over trained devices)")
+    ax.set_ylabel(f"fidelity: {result.model.get('fidelity', '?')} (mean over trained devices)", fontsize=8)
     ax.set_title("Fidelity over rounds per profile")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -261,7 +261,8 @@ def _markdown(result: FleetResult) -> str:
         f"DP {'on (sigma ' + format(sc.dp.noise_multiplier, 'g') + ')' if sc.dp.enabled else 'off'}, "
         f"secure aggregation {'on' if sc.secagg.enabled else 'off'}, seed {sc.fleet.seed}. "
         f"Wall time {result.wall_s:.1f} s with {sc.fleet.workers} worker processes "
-        f"({result.worker_restarts} restarted after an out-of-memory kill or a dead worker).\n",
+        f"({result.worker_restarts} restarted after an out-of-memory kill or a dead worker). "
+        f"Fidelity is {result.model.get('fidelity', 'unknown')!s} (higher is better).\n",
         "## Outcome\n",
         f"- device rounds: {totals['sampled']} sampled, {totals['ok']} replies aggregated, {totals['dropped']} dropped, "
         f"{totals['crash']} crashed, {totals['oom']} killed out-of-memory, {totals['straggler']} past the round "

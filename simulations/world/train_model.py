@@ -59,7 +59,7 @@ class TrainConfig:
     unet_channels: tuple[int, ...] = (48, 96)
     unet_heads: int = 4  # diffusers' legacy `attention_head_dim` is the number of heads
     unet_groups: int = 16
-    unet_steps: int = 800
+    unet_steps: int = 1500
     unet_batch: int = 48
     unet_lr: float = 1e-3
     warmup: int = 50
