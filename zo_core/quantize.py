@@ -1,6 +1,6 @@
 """Weight quantization backends for the three Stable Diffusion components, chosen by name.
 
-The paper (ZOODiP, CVPR 2025, section 5.1) quantizes the weights of every Linear and Conv2d of UNet,
+The paper (ZOODiP, CVPR 2025; notes/method.md section 1) quantizes the weights of every Linear and Conv2d of UNet,
 VAE and text encoder to symmetric int8 with optimum-quanto; activations stay in floating point, and
 embedding tables and norms are left alone. That is ``quanto-int8`` here. The other backends:
 
@@ -35,6 +35,10 @@ All backends freeze every parameter (``requires_grad=False``): textual inversion
 placeholder rows, which the engine splices into the text encoder's embedding OUTPUT with a forward
 hook, so the input embedding table stays float and unquantized. Quantized layers of both libraries
 pass gradients to their inputs (tested), so a backprop baseline can train the token through them.
+
+Quantizing also copies the tensors that stay float (biases, norms, the embedding table) out of the
+memory-mapped checkpoint file, so the float file is unmapped instead of staying resident beside the
+quantized weights (see ``_own_float_storage``).
 """
 
 from __future__ import annotations
