@@ -78,3 +78,18 @@ def test_a_spike_between_watchdog_polls_is_still_out_of_memory(tmp_path: Path) -
     with WorkerPool(FAKE, FAKE_KW, 1, poll_s=60.0) as pool:
         out = pool.run([Job(_task(tmp_path, 0, DevicePlan(32, 2, True)), 50.0)])
     assert out[0].status == "oom" and "peak" in out[0].message and out[0].result is None
+
+
+def test_sd15_figures_are_read_from_the_memory_benchmark_format() -> None:
+    from simulations.fleet.memory_model import parse_memory_benchmark
+
+    payload = {"settings": {"resolution": 512}, "results": [
+        {"name": "zo-int8", "train_peak_mib": 1900.0}, {"name": "zo-int8-seq", "train_peak_mib": 1780.0},
+        {"name": "zo-int4", "train_peak_mib": 1500.0}, {"name": "ti-fp32", "train_peak_mib": 5800.0},
+        {"name": "ti-int8", "train_peak_mib": 3400.0}]}
+    fig = parse_memory_benchmark(payload)
+    assert fig is not None
+    # 3 batched items vs 1: two items cost 120 MiB, so the whole 3-item step is 180 MiB.
+    assert fig["zo_step_mib"] == pytest.approx(180.0)
+    assert fig["zo_peak_mib"] == {8: 1900.0, 4: 1500.0} and fig["ti_peak_mib"] == {32: 5800.0, 8: 3400.0}
+    assert parse_memory_benchmark({**payload, "settings": {"resolution": 256}}) is None

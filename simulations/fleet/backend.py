@@ -119,19 +119,6 @@ class DeviceBackend(Protocol):
         """The simulation oracle's fidelity of the state the task saved (run outside its memory window)."""
 
 
-class FleetServer(Protocol):
-    """The server side, as the harness drives it (in the main process)."""
-
-    def broadcast(self, round_num: int) -> dict[str, Any]:
-        """What every sampled device receives this round."""
-
-    def aggregate(self, round_num: int, replies: list[TaskResult], sampled: int) -> dict[str, float]:
-        """Validate and aggregate the replies that arrived; return round metrics (incl. epsilon)."""
-
-    def broadcast_bytes(self, round_num: int) -> int:
-        """Bytes of one device's downlink message this round."""
-
-
 def state_sha(state_dir: str | Path) -> str:
     """SHA-256 over the names and bytes of every file in a state folder ("" when it is empty)."""
     root = Path(state_dir)

@@ -188,41 +188,56 @@ SD15_NOTES = {
 
 
 def _sd15_figures() -> tuple[dict[str, object], str]:
-    """The SD1.5 figures: the engine benchmark's JSON when it exists, else the notes' figures."""
+    """The SD1.5 figures: the engine benchmark's JSON when it holds 512 px results, else the notes'."""
     if SD15_RESULTS.is_file():
-        data = json.loads(SD15_RESULTS.read_text())
-        parsed = _parse_sd15_results(data)
+        parsed = parse_memory_benchmark(json.loads(SD15_RESULTS.read_text()))
         if parsed is not None:
-            return parsed, f"measured ({SD15_RESULTS.name})"
+            return parsed, f"measured by benchmarks/memory.py ({SD15_RESULTS.name}, training peaks)"
     return dict(SD15_NOTES), "CPU measurements in the project's notes (memory-sd15.json absent)"
 
 
-def _parse_sd15_results(data: object) -> dict[str, object] | None:
-    """Read peaks from memory-sd15.json if it has the fields we need, else None."""
-    if not isinstance(data, dict):
-        return None
-    rows = data.get("results") or data.get("rows")
-    if not isinstance(rows, list):
+# benchmarks/memory.py configuration names -> (method, bits, batched)
+_BENCH_CONFIGS = {
+    "zo-fp32": ("zo", 32, True),
+    "zo-int8": ("zo", 8, True),
+    "zo-int4": ("zo", 4, True),
+    "zo-int8-seq": ("zo", 8, False),
+    "ti-fp32": ("ti", 32, True),
+    "ti-int8": ("ti", 8, True),
+}
+
+
+def parse_memory_benchmark(payload: dict[str, object]) -> dict[str, object] | None:
+    """Figures from `benchmarks/memory.py`'s JSON (None unless it ran at 512 px with ZO int8 batched).
+
+    Uses each configuration's training peak (``train_peak_mib``: what a device holds while it
+    trains, without the one-off quantization transient of loading). The per-item activation
+    memory is the difference between the batched (n + 1 = 3 items) and the sequential (1 item)
+    int8 runs when both exist, else the notes' figure.
+    """
+    settings = payload.get("settings")
+    results = payload.get("results")
+    if not isinstance(settings, dict) or settings.get("resolution") != 512 or not isinstance(results, list):
         return None
     zo: dict[int, float] = {}
     ti: dict[int, float] = {}
-    for row in rows:
-        if not isinstance(row, dict):
+    seq: float | None = None
+    for rec in results:
+        if not isinstance(rec, dict) or rec.get("name") not in _BENCH_CONFIGS:
             continue
-        method = str(row.get("method", "")).lower()
-        bits = {"fp32": 32, "none": 32, "int8": 8, "int4": 4, "bf16": 16}.get(
-            str(row.get("quant", row.get("bits", ""))).lower(), row.get("bits")
-        )
-        peak = row.get("peak_mib", row.get("process_peak_mib"))
-        if not isinstance(bits, int) or not isinstance(peak, (int, float)):
-            continue
-        if method.startswith("zo"):
-            zo[bits] = float(peak)
-        elif "ti" in method or "backprop" in method:
-            ti[bits] = float(peak)
-    if not zo:
+        method, bits, batched = _BENCH_CONFIGS[str(rec["name"])]
+        peak = float(rec["train_peak_mib"])
+        if method == "ti":
+            ti[bits] = peak
+        elif batched:
+            zo[bits] = peak
+        else:
+            seq = peak
+    if 8 not in zo:
         return None
-    return {**SD15_NOTES, "zo_peak_mib": zo, "ti_peak_mib": ti or SD15_NOTES["ti_peak_mib"]}
+    items = int(SD15_NOTES["zo_items"])  # type: ignore[arg-type]
+    step = (zo[8] - seq) * items / (items - 1) if seq is not None and zo[8] > seq else SD15_NOTES["zo_step_mib"]
+    return {"zo_step_mib": step, "zo_items": items, "zo_peak_mib": zo, "ti_peak_mib": ti or SD15_NOTES["ti_peak_mib"]}
 
 
 def sd15_memory_model() -> tuple[MemoryModel, dict[int, float], str]:
