@@ -87,7 +87,6 @@ class EmbeddedBackend:
         self.concepts = list_concepts()
         self.model: Personalizer | None = None
         self.bits = 0
-        self._data: dict[int, PrivateData] = {}
 
     # --- model and per-device memory ---------------------------------------------------------
 
@@ -97,15 +96,14 @@ class EmbeddedBackend:
             return
         if bits not in BITS_TO_QUANT:
             raise ValueError(f"the embedded backend runs bits {sorted(BITS_TO_QUANT)}, got {bits}")
-        self.model, self._data = None, {}
+        self.model = None
         release_memory()
         quant = QuantConfig(backend=BITS_TO_QUANT[bits])  # type: ignore[arg-type]
         self.model = Personalizer.from_pretrained(self.model_dir, quant=quant)
         self.bits = bits
 
     def forget(self, device_id: int) -> None:
-        """The device's app restarted: its cached latents are gone from memory."""
-        self._data.pop(device_id, None)
+        """Nothing to drop: no device's data outlives its task in a worker (see `_private_data`)."""
 
     def describe(self) -> dict[str, Any]:
         """D, T and the fingerprint of the loaded model, and the fidelity metric."""
@@ -149,15 +147,15 @@ class EmbeddedBackend:
             )
         if self.model is None or self.bits != task.plan.bits:
             raise RuntimeError(f"model loaded at {self.bits} bits, task planned {task.plan.bits}")
+        data = self._private_data(task)
         if task.crash_at_step is not None:
             # The client gives no hook inside its step loop; crash part-way through the round's
             # work instead: after the data is prepared, before anything is saved.
-            self._private_data(task)
             raise InjectedCrash(f"device {task.device_id}: injected crash before step {task.crash_at_step}")
         sha = state_sha(task.state_dir)
         device = self.device_config(task)
         store = EncryptedStateStore(device.state_dir, device.key_file)
-        stats, metrics = run_fit_round(self.model, self._private_data(task), store, device, self._broadcast(task))
+        stats, metrics = run_fit_round(self.model, data, store, device, self._broadcast(task))
         extra: dict[str, Any] = {"model": self.describe()}
         if self.audit:  # simulation only: the study compares the token with what the server saw
             theta = load_state(store, self.model, device).theta.flatten().numpy().copy()
@@ -167,15 +165,18 @@ class EmbeddedBackend:
                           forward_items=int(metrics["forward-passes"]), state_sha=sha, extra=extra)
 
     def _private_data(self, task: DeviceTask) -> PrivateData:
-        """The device's photos (taken once, on first use) encoded once and kept in memory."""
+        """The device's photos (taken once, on first use), encoded for this task.
+
+        Encoded every round rather than cached in the worker: a worker serves many devices, and a
+        cache of all their latents would count against whichever device runs next. (The client's
+        `ModelCache` keeps them, which is right for one device per process.)
+        """
         assert self.model is not None
-        if task.device_id not in self._data:
-            device = self.device_config(task)
-            if not device.data_dir.is_dir() or not any(device.data_dir.iterdir()):
-                self.concept(task).write_photos(device.data_dir, seed=max(task.device_id, 0),
-                                                resolution=self.model.info.resolution)
-            self._data[task.device_id] = self.model.prepare_data(device.data_dir, device.ti)
-        return self._data[task.device_id]
+        device = self.device_config(task)
+        if not device.data_dir.is_dir() or not any(device.data_dir.iterdir()):
+            self.concept(task).write_photos(device.data_dir, seed=max(task.device_id, 0),
+                                            resolution=self.model.info.resolution)
+        return self.model.prepare_data(device.data_dir, device.ti)
 
     def evaluate(self, task: DeviceTask) -> float:
         """Fidelity of the state the device saved (outside its memory window; see module docstring)."""
