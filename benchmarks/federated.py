@@ -62,6 +62,7 @@ class BenchConfig:
     fleet_rounds: int
     fleet_steps: int
     probe_steps: int
+    segments: int
     steps: int
     eval_every: int
     metric: str
@@ -109,7 +110,8 @@ def fleet_phase(model: Personalizer, cache: ModelCache, veterans: list[Any], cfg
     devices = [_device(root, c, seed, cfg) for c in veterans]
     epsilon = None
     for rnd in range(1, cfg.fleet_rounds + 1):
-        b = RoundBroadcast(round=rnd, local_steps=cfg.fleet_steps, probe_steps=cfg.probe_steps, n=2, mu=1e-3,
+        b = RoundBroadcast(round=rnd, local_steps=cfg.fleet_steps, probe_steps=cfg.probe_steps,
+                           stat_segments=cfg.segments, n=2, mu=1e-3,
                            puts_low=fleet.window[0], puts_high=fleet.window[1], basis_version=fleet.basis_version,
                            basis_weight=cfg.basis_weight if fleet.basis is not None else 0.0,
                            model_fingerprint=model.fingerprint, dim=schema.dim, num_buckets=schema.num_buckets,
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fleet-rounds", type=int, default=3)
     p.add_argument("--fleet-steps", type=int, default=100)
     p.add_argument("--probe-steps", type=int, default=10)
+    p.add_argument("--segments", type=int, default=0, help="client statistic: 0 per-step, k displacement segments")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--metric", choices=("oracle", "loss"), default="oracle")
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "federated")
     a = p.parse_args(argv)
     cfg = BenchConfig(model_dir=a.model_dir, seeds=tuple(a.seeds), veterans=a.veterans, newcomers=a.newcomers,
-                      fleet_rounds=a.fleet_rounds, fleet_steps=a.fleet_steps, probe_steps=a.probe_steps,
+                      fleet_rounds=a.fleet_rounds, fleet_steps=a.fleet_steps, probe_steps=a.probe_steps, segments=a.segments,
                       steps=a.steps, eval_every=a.eval_every, metric=a.metric, threshold=a.threshold,
                       images=a.images, eval_draws=a.eval_draws, basis_rank=a.basis_rank,
                       basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr)  # fmt: skip

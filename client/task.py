@@ -236,7 +236,8 @@ def run_fit_round(
         timesteps += probe.timesteps
         signal += probe.signal
         forwards += probe.forward_passes
-    stats = client_statistic(res.updates.numpy(), timesteps, signal, broadcast.schema)
+    stats = client_statistic(res.updates.numpy(), timesteps, signal, broadcast.schema,
+                             segments=broadcast.stat_segments)
     k = max(1, len(res.losses) // 10)
     metrics = {
         "loss-first": float(np.mean(res.losses[:k])),

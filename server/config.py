@@ -107,6 +107,7 @@ class BasisConfig:
     rank: int = 8
     weight: float = 0.5  # fraction of perturbation energy clients draw inside the basis
     decay: float = 0.5  # M_t = decay * M_{t-1} + mean statistic of round t
+    segments: int = 0  # client statistic: 0 = per-step directions, k = k displacement segments
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -115,6 +116,8 @@ class BasisConfig:
             raise ValueError(f"basis.weight must lie in [0, 1], got {self.weight}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"basis.decay must lie in [0, 1), got {self.decay}")
+        if self.segments < 0:
+            raise ValueError(f"basis.segments must be >= 0, got {self.segments}")
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ def run_fleet(
             round=rnd,
             local_steps=cfg.fleet.local_steps,
             probe_steps=cfg.fleet.probe_steps,
+            stat_segments=cfg.basis.segments,
             n=cfg.zo.n,
             mu=cfg.zo.mu,
             puts_low=fleet.window[0],

@@ -82,7 +82,7 @@ NUM_EXAMPLES = 1
 # The broadcast's config keys (RoundBroadcast.to_config); anything else is refused by the client.
 BROADCAST_KEYS: frozenset[str] = frozenset(
     {
-        "schema-version", "round", "local-steps", "probe-steps", "zo.n", "zo.mu", "puts.low",
+        "schema-version", "round", "local-steps", "probe-steps", "stat.segments", "zo.n", "zo.mu", "puts.low",
         "puts.high", "basis.version", "basis.weight", "model-fingerprint", "dim", "num-buckets",
         "num-train-timesteps",
     }
@@ -177,6 +177,7 @@ class RoundBroadcast:
     num_buckets: int
     num_train_timesteps: int
     probe_steps: int = 0
+    stat_segments: int = 0  # 0: one unit direction per step; k: per contiguous k-th of the round
     basis: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +187,8 @@ class RoundBroadcast:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
         if self.probe_steps < 0:
             raise ValueError(f"probe_steps must be >= 0, got {self.probe_steps}")
+        if self.stat_segments < 0:
+            raise ValueError(f"stat_segments must be >= 0, got {self.stat_segments}")
         if self.n < 1 or not self.mu > 0:
             raise ValueError(f"n must be >= 1 and mu > 0, got n={self.n}, mu={self.mu}")
         if not 0 <= self.puts_low < self.puts_high <= self.num_train_timesteps:
@@ -215,6 +218,7 @@ class RoundBroadcast:
             "round": self.round,
             "local-steps": self.local_steps,
             "probe-steps": self.probe_steps,
+            "stat.segments": self.stat_segments,
             "zo.n": self.n,
             "zo.mu": float(self.mu),
             "puts.low": self.puts_low,
@@ -262,6 +266,7 @@ class RoundBroadcast:
             round=_int("round"),
             local_steps=_int("local-steps"),
             probe_steps=_int("probe-steps"),
+            stat_segments=_int("stat.segments"),
             n=_int("zo.n"),
             mu=_float("zo.mu"),
             puts_low=_int("puts.low"),
@@ -296,6 +301,8 @@ def client_statistic(
     timesteps: Sequence[int] | np.ndarray,
     signal: Sequence[float] | np.ndarray,
     schema: WireSchema,
+    *,
+    segments: int = 0,
 ) -> dict[str, np.ndarray]:
     """Summarise one local round into the fixed-shape, bounded statistic.
 
@@ -308,6 +315,12 @@ def client_statistic(
         mean_i |L(theta + mu e_i) - L(theta)| / mu. Same length.
     schema
         The wire schema the statistic must satisfy.
+    segments
+        0: one unit direction per step (``u_s``). k >= 1: split the round into k contiguous
+        segments and use each segment's total displacement instead. A ZO step's update is
+        dominated by its random directions; summing steps averages that noise out (it grows like
+        sqrt(steps), the drift like steps), so displacements carry the directions the token
+        actually travels. The bounds are the same (trace 1, PSD).
 
     Returns
     -------
@@ -328,6 +341,10 @@ def client_statistic(
     if not np.all(np.isfinite(sig)) or (sig.size and sig.min() < 0):
         raise ValueError("signal values must be finite and >= 0")
 
+    if segments < 0:
+        raise ValueError(f"segments must be >= 0, got {segments}")
+    if segments and upd.shape[0]:
+        upd = np.stack([chunk.sum(axis=0) for chunk in np.array_split(upd, min(segments, upd.shape[0]))])
     norms = np.linalg.norm(upd, axis=1)
     moving = norms > 0
     second = np.zeros((schema.dim, schema.dim), dtype=np.float64)
