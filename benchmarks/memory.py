@@ -77,9 +77,19 @@ CONFIGS: dict[str, BenchConfig] = {
     for c in (
         BenchConfig("ti-fp32", "(a) backprop TI, fp32 weights", "backprop", "none"),
         BenchConfig("ti-int8", "(b) backprop TI, quanto int8 weights", "backprop", "quanto-int8"),
-        BenchConfig("zo-int8", "(c) ZO n=2, quanto int8, n+1 forwards batched", "zo", "quanto-int8"),
-        BenchConfig("zo-int4", "(d) ZO n=2, quanto int4 UNet (int8 text), batched", "zo", "quanto-int4"),
-        BenchConfig("zo-int8-seq", "(e) ZO n=2, quanto int8, n+1 forwards one by one", "zo", "quanto-int8", False),
+        BenchConfig(
+            "zo-int8", "(c) ZO n=2, quanto int8, n+1 forwards batched", "zo", "quanto-int8"
+        ),
+        BenchConfig(
+            "zo-int4", "(d) ZO n=2, quanto int4 UNet (int8 text), batched", "zo", "quanto-int4"
+        ),
+        BenchConfig(
+            "zo-int8-seq",
+            "(e) ZO n=2, quanto int8, n+1 forwards one by one",
+            "zo",
+            "quanto-int8",
+            False,
+        ),
         BenchConfig("zo-fp32", "(extra) ZO n=2, fp32 weights, batched", "zo", "none"),
     )
 }
@@ -101,9 +111,18 @@ def _synthetic_photo(resolution: int, seed: int) -> Any:
     return Image.fromarray(coarse).resize((resolution, resolution), Image.Resampling.BICUBIC)
 
 
-def run_worker(cfg: BenchConfig, model_dir: Path, resolution: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+def run_worker(
+    cfg: BenchConfig, model_dir: Path, resolution: int, steps: int, warmup: int, threads: int
+) -> dict[str, Any]:
     """Measure one configuration in this process; returns the JSON-ready record."""
+    # The runtime every configuration pays: the model libraries the engine imports lazily, imported
+    # here first so that the baseline includes them and the load phase measures weights only.
+    import diffusers  # noqa: F401
+    import optimum.quanto  # noqa: F401
     import torch
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     from zo_core.config import QuantConfig, TIConfig, ZOConfig
     from zo_core.engine import Personalizer
@@ -111,17 +130,11 @@ def run_worker(cfg: BenchConfig, model_dir: Path, resolution: int, steps: int, w
     from zo_core.objective import Objective, Sample
     from zo_core.quantize import weight_bytes
 
-    # The runtime every configuration pays: the model libraries the engine imports lazily, imported
-    # here first so that the baseline includes them and the load phase measures weights only.
-    import diffusers  # noqa: F401
-    import optimum.quanto  # noqa: F401
-    import transformers  # noqa: F401
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
-
     torch.set_num_threads(threads)
     meter = MemoryMeter("cpu")
-    baseline = meter.current_mib()  # interpreter + torch + diffusers + transformers + quanto + engine
+    baseline = (
+        meter.current_mib()
+    )  # interpreter + torch + diffusers + transformers + quanto + engine
 
     with meter.phase("load"):
         model = Personalizer.from_pretrained(model_dir, quant=QuantConfig(backend=cfg.backend))  # type: ignore[arg-type]
@@ -137,9 +150,15 @@ def run_worker(cfg: BenchConfig, model_dir: Path, resolution: int, steps: int, w
     # The floor's activation term: one batch-1 forward (text encoder + UNet + loss), no autograd.
     gen = torch.Generator().manual_seed(0)
     latent = data.latent_mean[:1]
-    sample = Sample(latent=latent, noise=torch.randn(latent.shape, generator=gen), timestep=FLOOR_TIMESTEP,
-                    input_ids=data.captions[0][:1])  # fmt: skip
-    objective = Objective(model.text_encoder, model.unet, model.scheduler, model.splicer, data.token_ids)
+    sample = Sample(
+        latent=latent,
+        noise=torch.randn(latent.shape, generator=gen),
+        timestep=FLOOR_TIMESTEP,
+        input_ids=data.captions[0][:1],
+    )
+    objective = Objective(
+        model.text_encoder, model.unet, model.scheduler, model.splicer, data.token_ids
+    )
     with torch.no_grad(), meter.phase("one_forward"):
         t0 = time.perf_counter()
         objective.losses(sample, state.theta[None])
@@ -151,8 +170,14 @@ def run_worker(cfg: BenchConfig, model_dir: Path, resolution: int, steps: int, w
     stamps: list[float] = []
     with meter.phase("steps"):
         t0 = time.perf_counter()
-        timed = model.train(data, warm.state, zo, steps, optimizer=cfg.optimizer,
-                            on_step=lambda _s, _l: stamps.append(time.perf_counter()))  # fmt: skip
+        timed = model.train(
+            data,
+            warm.state,
+            zo,
+            steps,
+            optimizer=cfg.optimizer,
+            on_step=lambda _s, _l: stamps.append(time.perf_counter()),
+        )
     step_s = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
 
     phases = {name: asdict(rec) for name, rec in meter.phases.items()}
@@ -198,15 +223,32 @@ def ensure_model(model_dir: Path) -> Path:
 
 
 def _run_one(cfg: BenchConfig, args: argparse.Namespace, tmp_out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", cfg.name, "--worker-out", str(tmp_out),
-           "--model-dir", str(args.model_dir), "--resolution", str(args.resolution), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        cfg.name,
+        "--worker-out",
+        str(tmp_out),
+        "--model-dir",
+        str(args.model_dir),
+        "--resolution",
+        str(args.resolution),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, **MALLOC_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {cfg.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"worker {cfg.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     record: dict[str, Any] = json.loads(tmp_out.read_text())
     record["worker_wall_s"] = time.perf_counter() - start
     return record
@@ -228,7 +270,11 @@ def machine_info(threads: int) -> dict[str, Any]:
     except OSError:
         pass
     try:
-        mem_kib = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        mem_kib = next(
+            int(l.split()[1])
+            for l in Path("/proc/meminfo").read_text().splitlines()
+            if l.startswith("MemTotal")
+        )
         mem = f"{mem_kib / 2**20:.1f} GiB"
     except (OSError, StopIteration):
         mem = "unknown"
@@ -262,21 +308,27 @@ def write_report(payload: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     lines = [
         f"# Training memory at SD1.5 shapes, {s['resolution']} px, batch 1",
         "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs (shared), {m['memory']} RAM; "
-        f"torch {m['torch']} ({m['torch_threads']} thread(s)), diffusers {m['diffusers']}, "
-        f"transformers {m['transformers']}, optimum-quanto {m['optimum_quanto']}.",
+        (
+            f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs (shared), {m['memory']} RAM; "
+            f"torch {m['torch']} ({m['torch_threads']} thread(s)), diffusers {m['diffusers']}, "
+            f"transformers {m['transformers']}, optimum-quanto {m['optimum_quanto']}."
+        ),
         "",
         f"Reproduce: `{payload['command']}`",
         "",
-        "Each configuration ran in its own process (`MALLOC_MMAP_THRESHOLD_=131072`, weights materialised "
-        f"before measuring), {s['warmup']} warm-up step(s) then {s['steps']} timed step(s). SD1.5-shaped "
-        "model with random weights (UNet 859.5 M, text encoder 123.1 M parameters); the VAE is used once "
-        "to cache latents and freed before training, as the engine does.",
+        (
+            "Each configuration ran in its own process (`MALLOC_MMAP_THRESHOLD_=131072`, weights materialised "
+            f"before measuring), {s['warmup']} warm-up step(s) then {s['steps']} timed step(s). SD1.5-shaped "
+            "model with random weights (UNet 859.5 M, text encoder 123.1 M parameters); the VAE is used once "
+            "to cache latents and freed before training, as the engine does."
+        ),
         "",
-        "**Peak** = the process's peak resident memory during training (warm-up and timed steps). "
-        "**Floor** = runtime baseline (process after importing torch, diffusers, transformers and the "
-        "engine) + UNet and text-encoder weight bytes + the activations of one batch-1 forward (that "
-        "forward's measured memory rise); what any method must hold.",
+        (
+            "**Peak** = the process's peak resident memory during training (warm-up and timed steps). "
+            "**Floor** = runtime baseline (process after importing torch, diffusers, transformers and the "
+            "engine) + UNet and text-encoder weight bytes + the activations of one batch-1 forward (that "
+            "forward's measured memory rise); what any method must hold."
+        ),
         "",
         "| configuration | peak MiB | floor MiB | = baseline | + weights | + 1 forward | peak / floor | s / step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -294,9 +346,11 @@ def write_report(payload: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         "",
         "## Other peaks (MiB)",
         "",
-        "One-off phases of the same processes, outside training: loading the float checkpoint and "
-        "quantizing it (the float file's pages are resident while quantization reads them), and "
-        "encoding the photo and its flip with the float VAE at full resolution (then freed).",
+        (
+            "One-off phases of the same processes, outside training: loading the float checkpoint and "
+            "quantizing it (the float file's pages are resident while quantization reads them), and "
+            "encoding the photo and its flip with the float VAE at full resolution (then freed)."
+        ),
         "",
         "| configuration | loading + quantizing | VAE encoding (prepare) | process resident after load |",
         "|---|---:|---:|---:|",
@@ -317,7 +371,10 @@ def verdicts(runs: dict[str, dict[str, Any]]) -> list[str]:
     def peak(name: str) -> float:
         return float(runs[name]["train_peak_mib"])
 
-    for zo_name, how in (("zo-int8", "n + 1 forwards batched"), ("zo-int8-seq", "forwards one by one")):
+    for zo_name, how in (
+        ("zo-int8", "n + 1 forwards batched"),
+        ("zo-int8-seq", "forwards one by one"),
+    ):
         if "ti-fp32" in runs and zo_name in runs:
             ratio = peak(zo_name) / peak("ti-fp32")
             met = "met" if ratio <= 1 / 3 else "NOT met"
@@ -351,18 +408,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "shapes (random weights), one subprocess per configuration.",
         epilog="configurations: " + "; ".join(f"{c.name} = {c.label}" for c in CONFIGS.values()),
     )
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                        help=f"comma-separated configuration names (default: {','.join(DEFAULT_CONFIGS)})")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (default 2)")
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="image side in pixels (default 512)"
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated configuration names (default: {','.join(DEFAULT_CONFIGS)})",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=2, help="timed steps per configuration (default 2)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (default 1)")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
-                        help=f"SD1.5-shaped random model folder, built if missing (default {DEFAULT_MODEL_DIR})")  # fmt: skip
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-                        help=f"where {RESULT_STEM}.json/.md are written (default {DEFAULT_OUT_DIR})")  # fmt: skip
-    parser.add_argument("--rewrite-report", action="store_true",
-                        help=f"only re-render {RESULT_STEM}.md from the {RESULT_STEM}.json in --out-dir")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per worker (default 1)"
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help=f"SD1.5-shaped random model folder, built if missing (default {DEFAULT_MODEL_DIR})",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help=f"where {RESULT_STEM}.json/.md are written (default {DEFAULT_OUT_DIR})",
+    )
+    parser.add_argument(
+        "--rewrite-report",
+        action="store_true",
+        help=f"only re-render {RESULT_STEM}.md from the {RESULT_STEM}.json in --out-dir",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -376,7 +453,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model_dir = args.model_dir.expanduser().resolve()  # workers run with the repository as cwd
     args.out_dir = args.out_dir.expanduser().resolve()
     if args.resolution < 64 or args.resolution % 64:
-        parser.error(f"--resolution must be a multiple of 64 and >= 64 (UNet downsamples the latent 3x), got {args.resolution}")
+        parser.error(
+            f"--resolution must be a multiple of 64 and >= 64 (UNet downsamples the latent 3x), got {args.resolution}"
+        )
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--steps and --threads must be >= 1, --warmup >= 0")
     return args
@@ -386,8 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         if args.worker not in CONFIGS or args.worker_out is None:
-            raise ValueError(f"--worker needs a configuration name and --worker-out, got {args.worker!r}")
-        record = run_worker(CONFIGS[args.worker], args.model_dir, args.resolution, args.steps, args.warmup, args.threads)
+            raise ValueError(
+                f"--worker needs a configuration name and --worker-out, got {args.worker!r}"
+            )
+        record = run_worker(
+            CONFIGS[args.worker],
+            args.model_dir,
+            args.resolution,
+            args.steps,
+            args.warmup,
+            args.threads,
+        )
         args.worker_out.write_text(json.dumps(record))
         return 0
 
@@ -404,15 +492,24 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.config_names:
         print(f"[{time.strftime('%H:%M:%S')}] {CONFIGS[name].label} ...", flush=True)
         record = _run_one(CONFIGS[name], args, tmp_dir / f"{name}.json")
-        print(f"    peak {record['train_peak_mib']:,.0f} MiB, floor {record['floor_mib']:,.0f} MiB, "
-              f"{record['s_per_step']:.1f} s/step ({record['worker_wall_s']:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"    peak {record['train_peak_mib']:,.0f} MiB, floor {record['floor_mib']:,.0f} MiB, "
+            f"{record['s_per_step']:.1f} s/step ({record['worker_wall_s']:.0f} s)",
+            flush=True,
+        )
         results.append(record)
     argv_shown = sys.argv[1:] if argv is None else argv
     payload = {
         "command": shlex.join(["python", "benchmarks/memory.py", *argv_shown]),
         "machine": machine_info(args.threads),
-        "settings": {"resolution": args.resolution, "steps": args.steps, "warmup": args.warmup,
-                     "threads": args.threads, "batch": 1, "malloc_env": MALLOC_ENV},  # fmt: skip
+        "settings": {
+            "resolution": args.resolution,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "batch": 1,
+            "malloc_env": MALLOC_ENV,
+        },
         "results": results,
         "verdicts": verdicts({r["name"]: r for r in results}),
     }

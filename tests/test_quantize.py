@@ -104,7 +104,9 @@ def _ids(tiny_dir: Path) -> torch.Tensor:
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
-    return tok("a dog on the sofa", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return tok(
+        "a dog on the sofa", padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,9 +138,15 @@ def test_weight_bytes_counts_float_storage_once() -> None:
     [
         # (256 x 128) weight; quanto adds two fp32 scalar buffers (input/output scale) per layer.
         ("quanto-int8", 128 * 256 + 128 * 4 + 128 * 4 + 2 * 4),  # int8 data + per-row scale + bias
-        ("quanto-int4", 128 * 256 // 2 + 2 * 128 * 2 * 4 + 128 * 4 + 2 * 4),  # packed, 2 groups of 128
+        (
+            "quanto-int4",
+            128 * 256 // 2 + 2 * 128 * 2 * 4 + 128 * 4 + 2 * 4,
+        ),  # packed, 2 groups of 128
         ("bnb-int8", 128 * 256 + 128 * 4 + 128 * 4),  # int8 data + per-row SCB + bias
-        ("bnb-nf4", 128 * 256 // 2 + 128 * 256 // 64 * 4 + 16 * 4 + 128 * 4),  # packed + absmax + code
+        (
+            "bnb-nf4",
+            128 * 256 // 2 + 128 * 256 // 64 * 4 + 16 * 4 + 128 * 4,
+        ),  # packed + absmax + code
     ],
 )
 def test_weight_bytes_counts_quantized_storage_exactly(scheme: str, expected: int) -> None:
@@ -147,7 +155,9 @@ def test_weight_bytes_counts_quantized_storage_exactly(scheme: str, expected: in
     assert weight_bytes(layer) == expected
 
 
-@pytest.mark.parametrize(("scheme", "per_layer"), [("quanto-int8", 1 / 254), ("quanto-int4", 1 / 15)])
+@pytest.mark.parametrize(
+    ("scheme", "per_layer"), [("quanto-int8", 1 / 254), ("quanto-int4", 1 / 15)]
+)
 def test_single_layer_error_matches_quantization_step(scheme: str, per_layer: float) -> None:
     gen = torch.Generator().manual_seed(5)
     lin = nn.Linear(512, 256)
@@ -247,7 +257,7 @@ def test_bnb_on_cpu_runs_no_grad_then_grad(backend: str) -> None:
 
 
 def test_backend_none_freezes_and_keeps_bytes(float_components: tuple[nn.Module, ...]) -> None:
-    unet, text, vae = _fresh(float_components)
+    unet, text, _vae = _fresh(float_components)
     report = quantize_pipeline_components(unet, text, None, "none")
     assert [c.name for c in report.components] == ["unet", "text_encoder"]
     assert report.total_after == report.total_before == weight_bytes(unet) + weight_bytes(text)

@@ -29,17 +29,33 @@ def test_sd15_configs_have_the_published_parameter_counts() -> None:
     assert round(counts["unet"] / 1e6, 1) == 859.5
     assert round(counts["vae"] / 1e6, 1) == 83.7
     assert round(counts["text_encoder"] / 1e6, 1) == 123.1
-    assert cfg["text_encoder"]["hidden_act"] == "quick_gelu" and cfg["vae"]["scaling_factor"] == 0.18215
+    assert (
+        cfg["text_encoder"]["hidden_act"] == "quick_gelu"
+        and cfg["vae"]["scaling_factor"] == 0.18215
+    )
 
 
 def _small_configs(vocab: int) -> dict[str, dict[str, Any]]:
     """SD1.5's structure (same block types and config keys) at toy widths."""
     cfg = sd15_configs()
-    cfg["unet"].update(block_out_channels=[32, 32, 64, 64], cross_attention_dim=32, norm_num_groups=8,
-                       layers_per_block=1, sample_size=8)  # fmt: skip
-    cfg["vae"].update(block_out_channels=[8, 8, 16, 16], norm_num_groups=8, layers_per_block=1, sample_size=64)
-    cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                               num_hidden_layers=2, projection_dim=32, vocab_size=vocab)  # fmt: skip
+    cfg["unet"].update(
+        block_out_channels=[32, 32, 64, 64],
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=8,
+    )
+    cfg["vae"].update(
+        block_out_channels=[8, 8, 16, 16], norm_num_groups=8, layers_per_block=1, sample_size=64
+    )
+    cfg["text_encoder"].update(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        projection_dim=32,
+        vocab_size=vocab,
+    )
     return cfg
 
 

@@ -92,7 +92,9 @@ class MemoryMeter:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"MemoryMeter measures 'cpu' or 'cuda' devices, got {self.device}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"MemoryMeter device {self.device} requested but CUDA is not available")
+            raise ValueError(
+                f"MemoryMeter device {self.device} requested but CUDA is not available"
+            )
         self._status = proc_status
         self._clear_refs = clear_refs
         self.phases: dict[str, PhaseMemory] = {}
@@ -123,7 +125,9 @@ class MemoryMeter:
     @staticmethod
     def _ru_maxrss_mib() -> float:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+        return (
+            peak / MIB if sys.platform == "darwin" else peak / 1024
+        )  # bytes on macOS, KiB on Linux
 
     def _raw_peak(self) -> float:
         if self.device.type == "cuda":
@@ -142,7 +146,9 @@ class MemoryMeter:
             return torch.cuda.memory_allocated(self.device) / MIB
         kib = self._proc_kib("VmRSS")
         if kib is None:
-            raise RuntimeError(f"cannot read VmRSS from {self._status}; resident memory is unavailable")
+            raise RuntimeError(
+                f"cannot read VmRSS from {self._status}; resident memory is unavailable"
+            )
         return kib / 1024
 
     def peak_mib(self) -> float:
@@ -190,7 +196,10 @@ class MemoryMeter:
             for outer in self._open:
                 outer[0] = max(outer[0], peak)
             self.phases[name] = PhaseMemory(
-                start_mib=start, peak_mib=peak, end_mib=self.current_mib(), resettable=self.resettable
+                start_mib=start,
+                peak_mib=peak,
+                end_mib=self.current_mib(),
+                resettable=self.resettable,
             )
 
     @property

@@ -70,7 +70,7 @@ Scheme = Literal["float", "quanto-int8", "quanto-int4", "bnb-int8", "bnb-nf4"]
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "vae")
 
 # LLM.int8's outlier threshold: activation columns with any |value| above it are multiplied in 16 bit.
-# 6.0 is the paper's (Dettmers et al. 2022, section 3.2) and transformers' BitsAndBytesConfig default.
+# 6.0 is the LLM.int8() paper's choice (Dettmers et al. 2022) and transformers' default.
 BNB_INT8_THRESHOLD = 6.0
 # NF4 block size: one absmax scale per 64 weights, bitsandbytes' and transformers' default.
 BNB_4BIT_BLOCKSIZE = 64
@@ -104,7 +104,9 @@ def component_schemes(backend: str) -> dict[str, Scheme]:
 
 def _check_backend(backend: str) -> None:
     if backend not in QUANT_BACKENDS:
-        raise ValueError(f"quantization backend must be one of {list(QUANT_BACKENDS)}, got {backend!r}")
+        raise ValueError(
+            f"quantization backend must be one of {list(QUANT_BACKENDS)}, got {backend!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +138,9 @@ def _bnb_extra_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
             value = getattr(holder, attr, None)
             if isinstance(value, torch.Tensor):
                 yield value
-    qs = getattr(weight, "quant_state", None)  # Params4bit's QuantState (absmax, code, nested stats)
+    qs = getattr(
+        weight, "quant_state", None
+    )  # Params4bit's QuantState (absmax, code, nested stats)
     while qs is not None:
         for attr in ("absmax", "code", "offset"):
             value = getattr(qs, attr, None)
@@ -230,7 +234,9 @@ class QuantReport:
         for comp in self.components:
             if comp.name == name:
                 return comp
-        raise ValueError(f"no component {name!r} in this report; have {[c.name for c in self.components]}")
+        raise ValueError(
+            f"no component {name!r} in this report; have {[c.name for c in self.components]}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for benchmark records and run logs)."""
@@ -293,7 +299,8 @@ def _bnb(module: nn.Module, kind: Literal["int8", "nf4"]) -> None:
     targets = [
         (name, sub)
         for name, sub in module.named_modules()
-        if isinstance(sub, nn.Linear) and not isinstance(sub, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+        if isinstance(sub, nn.Linear)
+        and not isinstance(sub, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
     ]
     for name, lin in targets:
         device, dtype = lin.weight.device, lin.weight.dtype
@@ -419,7 +426,11 @@ def quantize_pipeline_components(
         On an unknown backend name (the message lists the choices).
     """
     schemes = component_schemes(backend)
-    embedding = text_encoder.get_input_embeddings() if hasattr(text_encoder, "get_input_embeddings") else None
+    embedding = (
+        text_encoder.get_input_embeddings()
+        if hasattr(text_encoder, "get_input_embeddings")
+        else None
+    )
     parts: list[ComponentQuant] = []
     for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
         if module is None:
@@ -437,7 +448,9 @@ def quantize_pipeline_components(
             )
         )
     if embedding is not None and embedding is not text_encoder.get_input_embeddings():
-        raise RuntimeError("quantization replaced the text encoder's input embedding table; it must stay float")
+        raise RuntimeError(
+            "quantization replaced the text encoder's input embedding table; it must stay float"
+        )
     return QuantReport(backend=backend, components=tuple(parts))
 
 
@@ -466,7 +479,9 @@ def bnb_quantization_config(
     """
     _check_backend(backend)
     if not backend.startswith("bnb-"):
-        raise ValueError(f"bnb_quantization_config needs a bitsandbytes backend (bnb-int8, bnb-nf4), got {backend!r}")
+        raise ValueError(
+            f"bnb_quantization_config needs a bitsandbytes backend (bnb-int8, bnb-nf4), got {backend!r}"
+        )
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
     if library == "diffusers":

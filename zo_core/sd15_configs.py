@@ -45,7 +45,12 @@ SD15_UNET: dict[str, Any] = {
     "block_out_channels": [320, 640, 1280, 1280],
     "center_input_sample": False,
     "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -56,7 +61,12 @@ SD15_UNET: dict[str, Any] = {
     "norm_num_groups": 32,
     "out_channels": 4,
     "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
 }
 
 SD15_VAE: dict[str, Any] = {
@@ -101,7 +111,11 @@ SD15_SCHEDULER: dict[str, Any] = {
     "steps_offset": 1,
 }
 
-SD15_PARAM_COUNTS: dict[str, int] = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+SD15_PARAM_COUNTS: dict[str, int] = {
+    "unet": 859_520_964,
+    "vae": 83_653_863,
+    "text_encoder": 123_060_480,
+}
 
 
 def sd15_configs() -> dict[str, dict[str, Any]]:
@@ -130,14 +144,20 @@ def save_padded_clip_tokenizer(words: Sequence[str], out_dir: str | Path, vocab_
 
     vocab, merges = build_clip_tokenizer_files(words)
     if len(vocab) > vocab_size:
-        raise ValueError(f"text_encoder vocab_size {vocab_size} is smaller than the tokenizer's {len(vocab)} tokens")
+        raise ValueError(
+            f"text_encoder vocab_size {vocab_size} is smaller than the tokenizer's {len(vocab)} tokens"
+        )
     tokens = [t for t in sorted(vocab, key=vocab.__getitem__) if t not in (BOS, EOS)]
     tokens += [f"<|unused-{i}|>" for i in range(vocab_size - len(tokens) - 2)] + [BOS, EOS]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    )
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    CLIPTokenizer.from_pretrained(out, model_max_length=77).save_pretrained(out)  # + tokenizer_config.json
+    CLIPTokenizer.from_pretrained(out, model_max_length=77).save_pretrained(
+        out
+    )  # + tokenizer_config.json
     return out
 
 
@@ -169,7 +189,12 @@ def build_random_sd(
     seed : int
         Seeds weight initialisation; the same seed writes the same weights.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -191,7 +216,9 @@ def build_random_sd(
         vae_model = AutoencoderKL(**vae)
         text_model = CLIPTextModel(text_cfg)
     if dtype != torch.float32:  # constructors build float32; cast only when asked (diffusers warns)
-        unet_model, vae_model, text_model = (m.to(dtype) for m in (unet_model, vae_model, text_model))
+        unet_model, vae_model, text_model = (
+            m.to(dtype) for m in (unet_model, vae_model, text_model)
+        )
     pipe = StableDiffusionPipeline(
         vae=vae_model,
         text_encoder=text_model,
