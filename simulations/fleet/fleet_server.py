@@ -35,8 +35,9 @@ class SimulatedServer:
     ----------
     schema
         Wire schema of the simulated model.
-    model_fingerprint
-        Fingerprint every broadcast carries.
+    variant_fingerprints
+        Fingerprint of each weight-bits variant of the model the fleet runs (bits -> fingerprint);
+        broadcasts carry the full-precision one, and `runner._for_variant` readdresses them.
     zo, basis, puts, dp, secagg
         The scenario's configs.
     local_steps
@@ -49,7 +50,7 @@ class SimulatedServer:
         self,
         schema: WireSchema,
         *,
-        model_fingerprint: str,
+        variant_fingerprints: dict[int, str],
         zo: ZOConfig,
         basis: BasisConfig,
         puts: PutsConfig,
@@ -58,15 +59,16 @@ class SimulatedServer:
         local_steps: int,
         seed: int,
     ) -> None:
-        self.schema, self.fingerprint, self.zo = schema, model_fingerprint, zo
+        if not variant_fingerprints:
+            raise ValueError("the server needs the fingerprint of at least one model variant")
+        self.variant_fingerprints = dict(variant_fingerprints)
+        self.schema, self.fingerprint, self.zo = schema, self.variant_fingerprints[max(variant_fingerprints)], zo
         self.secagg, self.local_steps, self.basis_cfg = secagg, local_steps, basis
         noise = np.random.default_rng(np.random.SeedSequence([seed, DP_NOISE_STREAM])) if dp.enabled else None
         self.state = FleetState(schema, basis=basis, puts=puts, dp=dp, noise_rng=noise)
         self.dp_exhausted = False
         self.last_individual_stats: list[dict[str, np.ndarray]] | None = None
         self.last_sum: np.ndarray | None = None
-        # Fingerprint of each weight-bits variant of the model the fleet runs (see runner._for_variant).
-        self.variant_fingerprints: dict[int, str] = {}
 
     def round_broadcast(self, round_num: int) -> RoundBroadcast:
         """The validated broadcast object of a round."""

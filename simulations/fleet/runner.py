@@ -214,6 +214,8 @@ def run_fleet(
     fleet = scenario.fleet
     out = Path(out_dir)
     store = out / "devices"
+    if store.is_dir() and any(store.iterdir()):
+        raise FileExistsError(f"{store} holds devices of an earlier run; give the run an empty folder")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     # Concurrency is bounded by the cores: more workers than cores only adds model copies.
@@ -235,14 +237,13 @@ def run_fleet(
                 d.count("excluded")
         progress(f"planned: {len(eligible)} devices can train, {excluded} excluded (no configuration fits)")
         schema = WireSchema(int(model_info["dim"]), scenario.puts.buckets, int(model_info["num_train_timesteps"]))
-        server = SimulatedServer(schema, model_fingerprint=str(model_info["fingerprints"][max(model_info["fingerprints"])]), zo=scenario.zo,
+        server = SimulatedServer(schema, variant_fingerprints=model_info["fingerprints"], zo=scenario.zo,
                                  basis=scenario.basis, puts=scenario.puts, dp=scenario.dp, secagg=scenario.secagg,
                                  local_steps=fleet.local_steps, seed=fleet.seed)
-        server.variant_fingerprints = dict(model_info["fingerprints"])
         rounds: list[dict[str, Any]] = []
         checks: list[dict[str, Any]] = []
         for r in range(1, fleet.rounds + 1):
-            rec = _run_round(r, scenario, pool, server, devices, eligible, work, checks, round_hook)
+            rec = _run_round(r, scenario, pool, server, eligible, work, checks, round_hook)
             rec["excluded"] = excluded
             rounds.append(rec)
             eps = rec["epsilon"]
@@ -278,7 +279,6 @@ def _run_round(
     scenario: Scenario,
     pool: WorkerPool,
     server: SimulatedServer,
-    devices: list[Device],
     eligible: list[Device],
     work: Path,
     checks: list[dict[str, Any]],
