@@ -134,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     title, variants, tabulate, notes = STUDIES[args.study]
     overrides = common_overrides(args)
     results = run_variants(load_study_scenario(args.study), variants, args.out, common=overrides)
-    path = write_study(args.out, args.study, title, tabulate(results), notes + "\n\n![curves](curves.png)", overrides)
-    plot_curves(results, args.out / "curves.png", title)
+    plot = f"{args.study}-curves.png"
+    path = write_study(args.out, args.study, title, tabulate(results), notes + f"\n\n![fidelity per round]({plot})",
+                       overrides)
+    plot_curves(results, args.out / plot, title)
     print(f"study: {path}")
     return 0
 
