@@ -13,7 +13,7 @@ Protocol (per seed):
    Every `--eval-every` steps the token is scored: with the oracle (fraction of generated
    "a photo of <concept>" images that carry all identity attributes), or, with `--metric loss`,
    by the denoising loss on fixed draws over all timesteps.
-3. Reported per arm: forward passes until the score first reaches `--threshold`, the final score,
+3. Reported per arm: forward passes until the score first reaches each of `--thresholds`, the final score,
    and the curves; mean and spread over newcomers x seeds.
 
 The split rotates with the seed, so every concept is a newcomer for some seed.
@@ -66,7 +66,7 @@ class BenchConfig:
     steps: int
     eval_every: int
     metric: str
-    threshold: float
+    thresholds: tuple[float, ...]
     images: int
     eval_draws: int
     basis_rank: int
@@ -146,9 +146,13 @@ def newcomer_run(model: Personalizer, cache: ModelCache, dev: DeviceConfig, conc
         res = model.train(data, state, zo, cfg.eval_every, basis=basis, basis_weight=arm["weight"])
         state, passes = res.state, passes + res.forward_passes
         curve.append((passes, score(model, data, state, concept, cfg, oracle)))
-    better = (lambda v: v <= cfg.threshold) if cfg.metric == "loss" else (lambda v: v >= cfg.threshold)
-    reached = next((p for p, v in curve if better(v)), None)
-    return {"curve": curve, "final": curve[-1][1], "passes_to_threshold": reached}
+    return {"curve": curve, "final": curve[-1][1]}
+
+
+def passes_to(curve: list[tuple[int, float]], threshold: float, metric: str) -> int | None:
+    """Forward passes at the first checkpoint whose score reaches `threshold` (None: never)."""
+    better = (lambda v: v <= threshold) if metric == "loss" else (lambda v: v >= threshold)
+    return next((p for p, v in curve if better(v)), None)
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -182,8 +186,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 dev = _device(Path(tmp) / "newcomers", c, seed, cfg)
                 for name, arm in arms.items():
                     runs[name][c.name] = newcomer_run(model, cache, dev, c, cfg, arm, oracle)
-                    print(f"seed {seed} {c.name:>10} {name:>8}: final {runs[name][c.name]['final']:.4f} "
-                          f"passes-to-threshold {runs[name][c.name]['passes_to_threshold']}", flush=True)  # fmt: skip
+                    print(f"seed {seed} {c.name:>10} {name:>8}: curve {runs[name][c.name]['curve']}", flush=True)
         per_seed.append({"seed": seed, "veterans": [c.name for c in veterans], "newcomers": [c.name for c in newcomers],
                          "fleet_window": list(fleets[False]["window"]), "fleet_dp_window": list(fleets[True]["window"]),
                          "fleet_dp_epsilon": fleets[True]["epsilon"], "runs": runs})  # fmt: skip
@@ -196,11 +199,12 @@ def summarize(per_seed: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any
     out: dict[str, Any] = {}
     for arm in ("solo", "fleet", "fleet-dp"):
         finals = [r["final"] for s in per_seed for r in s["runs"][arm].values()]
-        passes = [r["passes_to_threshold"] for s in per_seed for r in s["runs"][arm].values()]
-        hit = [p for p in passes if p is not None]
-        out[arm] = {"final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
-                    "reached": f"{len(hit)}/{len(passes)}",
-                    "passes_median_of_reached": float(np.median(hit)) if hit else None}  # fmt: skip
+        out[arm] = {"final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)), "thresholds": {}}
+        for th in cfg.thresholds:
+            passes = [passes_to(r["curve"], th, cfg.metric) for s in per_seed for r in s["runs"][arm].values()]
+            hit = [p for p in passes if p is not None]
+            out[arm]["thresholds"][str(th)] = {"reached": f"{len(hit)}/{len(passes)}",
+                                               "passes_median": float(np.median(hit)) if hit else None}  # fmt: skip
     # paired: same newcomer, same seed, fleet minus solo
     diffs = [s["runs"]["fleet"][c]["final"] - s["runs"]["solo"][c]["final"] for s in per_seed for c in s["runs"]["solo"]]
     out["fleet_minus_solo_final"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "n": len(diffs)}
@@ -214,18 +218,19 @@ def write(result: dict[str, Any], out: Path) -> None:
     better = "lower" if cfg["metric"] == "loss" else "higher"
     lines = [
         "# Fleet basis + window vs solo ZOODiP (benchmarks/federated.py)", "",
-        f"Metric: `{cfg['metric']}` ({better} is better), threshold {cfg['threshold']}; "
+        f"Metric: `{cfg['metric']}` ({better} is better); "
         f"{cfg['newcomers']} newcomers x seeds {cfg['seeds']}; {cfg['steps']} steps each; fleet of "
         f"{cfg['veterans']} veterans x {cfg['fleet_rounds']} rounds x {cfg['fleet_steps']} steps; basis rank "
-        f"{cfg['basis_rank']}, weight {cfg['basis_weight']}; DP noise multiplier {cfg['dp_sigma']}. "
+        f"{cfg['basis_rank']}, weight {cfg['basis_weight']}, statistic segments {cfg['segments']} "
+        f"(0 = per-step directions); DP noise multiplier {cfg['dp_sigma']}. "
         f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
-        "| arm | final (mean +- std) | reached threshold | forward passes to threshold (median of those that reached) |",
-        "|---|---|---|---|",
+        "| arm | final (mean +- std) | " + " | ".join(f"reached {t} / median passes" for t in cfg["thresholds"]) + " |",
+        "|---|---|" + "---|" * len(cfg["thresholds"]),
     ]  # fmt: skip
     for arm in ("solo", "fleet", "fleet-dp"):
         a = s[arm]
-        lines.append(f"| {arm} | {a['final_mean']:.4f} +- {a['final_std']:.4f} | {a['reached']} | "
-                     f"{a['passes_median_of_reached']} |")  # fmt: skip
+        cells = [f"{a['thresholds'][str(t)]['reached']} / {a['thresholds'][str(t)]['passes_median']}" for t in cfg["thresholds"]]
+        lines.append(f"| {arm} | {a['final_mean']:.4f} +- {a['final_std']:.4f} | " + " | ".join(cells) + " |")
     d = s["fleet_minus_solo_final"]
     eps = [p["fleet_dp_epsilon"] for p in result["per_seed"]]
     lines += ["", f"Paired difference fleet - solo in the final score: {d['mean']:+.4f} +- {d['std']:.4f} "
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--metric", choices=("oracle", "loss"), default="oracle")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--eval-draws", type=int, default=32)
     p.add_argument("--basis-rank", type=int, default=8)
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = BenchConfig(model_dir=a.model_dir, seeds=tuple(a.seeds), veterans=a.veterans, newcomers=a.newcomers,
                       fleet_rounds=a.fleet_rounds, fleet_steps=a.fleet_steps, probe_steps=a.probe_steps, segments=a.segments,
-                      steps=a.steps, eval_every=a.eval_every, metric=a.metric, threshold=a.threshold,
+                      steps=a.steps, eval_every=a.eval_every, metric=a.metric, thresholds=tuple(a.thresholds),
                       images=a.images, eval_draws=a.eval_draws, basis_rank=a.basis_rank,
                       basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr)  # fmt: skip
     result = run(cfg)
