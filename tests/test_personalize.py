@@ -208,3 +208,14 @@ def test_bad_configs_raise() -> None:
     with pytest.raises(ValueError, match="unknown config key"):
         ZOConfig.from_run_config({"zo.lr": 1e-2, "zo.learning-rate": 1})
     assert ZOConfig.from_run_config({"zo.adam-eps": 1e-4}).adam_eps == 1e-4
+
+
+def test_cli_uses_the_papers_4bit_mu_and_records_quantization(tiny_model_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q4"
+    rc = main(["personalize", "--model", str(tiny_model_dir), "--images", str(photo_dir), "--token", "<q>",
+               "--init", "cat", "--out", str(out), "--steps", "2", "--quant", "quanto-int4"])  # fmt: skip
+    assert rc == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["job"]["zo"]["mu"] == 1e-2 and rec["job"]["quant"]["backend"] == "quanto-int4"
+    parts = {c["name"]: c for c in rec["quantization"]["components"]}
+    assert parts["unet"]["bytes_after"] < parts["unet"]["bytes_before"] / 4

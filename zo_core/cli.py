@@ -13,7 +13,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from zo_core.config import QUANT_BACKENDS, QuantConfig, TIConfig, TrainConfig, ZOConfig
+from zo_core.config import QUANT_BACKENDS, QuantConfig, TIConfig, TrainConfig, ZOConfig, default_mu
 
 
 def _window(text: str) -> tuple[int, int] | None:
@@ -49,7 +49,8 @@ def add_personalize_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
                    help="zo: forward passes only; backprop: the autograd TI baseline (same code path)")
     p.add_argument("--estimator", choices=("rge", "spsa"), default=d_zo.estimator)
     p.add_argument("--n", type=int, default=d_zo.n, help="random directions per step")
-    p.add_argument("--mu", type=float, default=d_zo.mu, help="perturbation scale")
+    p.add_argument("--mu", type=float, default=None,
+                   help="perturbation scale; default: the paper's 1e-3, or 1e-2 with a 4-bit UNet (quanto-int4, bnb-nf4)")
     p.add_argument("--lr", type=float, default=d_zo.lr)
     p.add_argument("--sg", choices=("on", "off"), default="on", help="Subspace Gradient")
     p.add_argument("--tau", type=int, default=d_zo.tau, help="SG buffer length / refresh period")
@@ -77,7 +78,8 @@ def run_personalize_cmd(args: argparse.Namespace) -> int:
         images=args.images, out=args.out, model=args.model, dtype=args.dtype,
         ti=TIConfig(placeholder=args.token, initializer=args.init, num_vectors=args.num_vectors,
                     resolution=args.resolution),
-        zo=ZOConfig(estimator=args.estimator, n=args.n, mu=args.mu, lr=args.lr, use_sg=args.sg == "on",
+        zo=ZOConfig(estimator=args.estimator, n=args.n, mu=args.mu if args.mu is not None else default_mu(args.quant),
+                    lr=args.lr, use_sg=args.sg == "on",
                     tau=args.tau, nu=args.nu, puts=args.puts, batched=args.forwards == "batched"),
         train=TrainConfig(steps=args.steps, seed=args.seed, optimizer=args.optimizer,
                           checkpoint_every=args.checkpoint_every),

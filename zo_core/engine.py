@@ -98,17 +98,18 @@ class Personalizer:
 
         info = inspect_model_dir(model_dir)
         tokenizer = CLIPTokenizer.from_pretrained(info.root / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(info.root / "text_encoder", local_files_only=True, dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(info.root / "unet", local_files_only=True, torch_dtype=dtype)
         # training needs only the noise schedule: DDPM's add_noise / get_velocity on the folder's betas
         scheduler = DDPMScheduler.from_pretrained(info.root / "scheduler", local_files_only=True)
-        for module in (text_encoder, unet):
-            module.requires_grad_(False).eval()
+        # each model is quantized as soon as it is loaded, so two float models are never resident at once
+        unet = UNet2DConditionModel.from_pretrained(info.root / "unet", local_files_only=True, torch_dtype=dtype)
+        parts = [_freeze_and_quantize("unet", unet, quant)]
+        text_encoder = CLIPTextModel.from_pretrained(info.root / "text_encoder", local_files_only=True, dtype=dtype)
+        parts.append(_freeze_and_quantize("text_encoder", text_encoder, quant))
         report = None
         if quant.backend != "none":
-            from zo_core.quantize import quantize_pipeline_components
+            from zo_core.quantize import QuantReport
 
-            report = quantize_pipeline_components(unet, text_encoder, None, quant.backend)
+            report = QuantReport(backend=quant.backend, components=tuple(p for p in parts if p is not None))
         return cls(info, tokenizer, text_encoder, unet, scheduler, quant, dtype, report)
 
     @property
@@ -125,7 +126,8 @@ class Personalizer:
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(self.info.root / "vae", local_files_only=True, torch_dtype=self.dtype)
-            self._vae = vae.requires_grad_(False).eval()
+            _freeze_and_quantize("vae", vae, self.quant)
+            self._vae = vae
         return self._vae
 
     def free_vae(self) -> None:
@@ -154,11 +156,14 @@ class Personalizer:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             captions = captions + captions
         vae = self.vae()
-        dist = vae.encode(pixels.to(self.dtype)).latent_dist
         scale = float(vae.config.scaling_factor)
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        mean = ((dist.mean.float() - shift) * scale).contiguous()
-        std = (dist.std.float() * scale).contiguous()
+        means, stds = [], []
+        for px in pixels.split(1):  # one image at a time: the encoder's activations dominate this phase
+            dist = vae.encode(px.to(self.dtype)).latent_dist
+            means.append((dist.mean.float() - shift) * scale)
+            stds.append(dist.std.float() * scale)
+        mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
         self.free_vae()
         return PrivateData(ti=ti, latent_mean=mean, latent_std=std, captions=captions, token_ids=token_ids)
 
@@ -279,6 +284,16 @@ class Personalizer:
         from zo_core.generate import generate_images
 
         return generate_images(self, state, prompts, **options)
+
+
+def _freeze_and_quantize(name: str, module: torch.nn.Module, quant: QuantConfig):  # type: ignore[no-untyped-def]
+    """Freeze a loaded component and quantize it with the engine's backend (None when unquantized)."""
+    module.requires_grad_(False).eval()
+    if quant.backend == "none":
+        return None
+    from zo_core.quantize import quantize_component
+
+    return quantize_component(name, module, quant.backend)
 
 
 def _adam_step(theta: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, zo: ZOConfig) -> torch.Tensor:

@@ -60,6 +60,7 @@ __all__ = [
     "QuantReport",
     "bnb_quantization_config",
     "component_schemes",
+    "quantize_component",
     "quantize_module",
     "quantize_pipeline_components",
     "storage_tensors",
@@ -401,6 +402,27 @@ def quantize_module(module: nn.Module, scheme: Scheme) -> tuple[int, int]:
     return _count_layers(module)
 
 
+def quantize_component(name: str, module: nn.Module, backend: QuantBackend | str) -> ComponentQuant:
+    """Quantize one named component (``unet``, ``text_encoder`` or ``vae``) with the backend's scheme.
+
+    Lets a caller quantize each model as soon as it is loaded, so two float models are never
+    resident at once (the load peak of SD1.5 is the float UNet plus the float text encoder otherwise).
+    """
+    schemes = component_schemes(backend)
+    if name not in schemes:
+        raise ValueError(f"component must be one of {list(schemes)}, got {name!r}")
+    before = weight_bytes(module)
+    quantized, floating = quantize_module(module, schemes[name])
+    return ComponentQuant(
+        name=name,
+        scheme=schemes[name],
+        bytes_before=before,
+        bytes_after=weight_bytes(module),
+        layers_quantized=quantized,
+        layers_float=floating,
+    )
+
+
 def quantize_pipeline_components(
     unet: nn.Module, text_encoder: nn.Module, vae: nn.Module | None, backend: QuantBackend | str
 ) -> QuantReport:
@@ -431,22 +453,11 @@ def quantize_pipeline_components(
         if hasattr(text_encoder, "get_input_embeddings")
         else None
     )
-    parts: list[ComponentQuant] = []
-    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
-        if module is None:
-            continue
-        before = weight_bytes(module)
-        quantized, floating = quantize_module(module, schemes[name])
-        parts.append(
-            ComponentQuant(
-                name=name,
-                scheme=schemes[name],
-                bytes_before=before,
-                bytes_after=weight_bytes(module),
-                layers_quantized=quantized,
-                layers_float=floating,
-            )
-        )
+    parts = [
+        quantize_component(name, module, backend)
+        for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae))
+        if module is not None
+    ]
     if embedding is not None and embedding is not text_encoder.get_input_embeddings():
         raise RuntimeError(
             "quantization replaced the text encoder's input embedding table; it must stay float"
