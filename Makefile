@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean bench-memory bench-quality bench-federated bench-scale
 
 # torch is pinned FIRST: 2.13.0 is the CPU wheel on disk; an unpinned torch pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -22,6 +22,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Benchmarks write JSON + a markdown table to benchmarks/results/ (run as scripts: opacus ships
+# a top-level `benchmarks` package of its own, so `python -m benchmarks.x` would find the wrong one).
+bench-memory: $(STAMP)
+	$(PY) benchmarks/memory.py
+
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py
+
+bench-federated: $(STAMP)
+	$(PY) benchmarks/federated.py
+
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) runs
