@@ -18,6 +18,11 @@ Usage::
 
     python benchmarks/scale.py                  # writes benchmarks/results/scale.json and scale.md
     python benchmarks/scale.py --sizes 10 100   # a subset
+    python benchmarks/scale.py --random-model   # `embedded` on random weights of the embedded model's shapes
+
+``--random-model`` builds (with `zo_core.model_factory`) a random-weight model with the shapes of
+the embedded default (64 px, token width 64, UNet channels 48/96, VAE 16/32/64; see
+`simulations/world/train_model.py`): time and memory depend on shapes, not weight values.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,6 +64,18 @@ def _scenario(kind: str, size: int, model_dir: str | None) -> dict[str, Any]:
             "basis": {"rank": 4}}
 
 
+def build_random_model(out_dir: Path) -> Path:
+    """A random-weight model with the embedded default's shapes, whose tokenizer knows the world's words."""
+    from simulations.world.captions import vocabulary
+    from simulations.world.concepts import get_concept, list_concepts
+    from zo_core.model_factory import DEFAULT_WORDS, TinySDSpec, build_tiny_sd
+
+    words = sorted(set(DEFAULT_WORDS) | set(vocabulary()) | {get_concept(c).initializer for c in list_concepts()})
+    spec = TinySDSpec(resolution=64, token_dim=64, text_layers=2, text_heads=4, unet_channels=(48, 96),
+                      attention_head_dim=12, vae_channels=(16, 32, 64), norm_num_groups=8)
+    return build_tiny_sd(out_dir, spec, words=words, seed=0)
+
+
 def _dir_kib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1024
 
@@ -69,6 +85,7 @@ def measure_one(kind: str, size: int, model_dir: str | None) -> dict[str, Any]:
     from simulations.fleet.report import write_report
     from simulations.fleet.runner import run_fleet
     from simulations.fleet.scenario import scenario_from_dict
+    from simulations.fleet.workers import read_status_mib
 
     out = Path(tempfile.mkdtemp(prefix=f"scale-{kind}-{size}-"))
     try:
@@ -78,6 +95,9 @@ def measure_one(kind: str, size: int, model_dir: str | None) -> dict[str, Any]:
         write_report(result, out)
         wall = time.perf_counter() - t0
         rounds = result.rounds
+        # A worker's peak: its runtime baseline plus the largest device task it ran (each task's
+        # VmHWM is reset at its start, so the workers' own high-water marks are per task).
+        worker_peaks = [c["measured_mib"] for c in result.memory_checks] + list(result.calibration.values())
         return {
             "kind": kind,
             "devices": size,
@@ -87,8 +107,9 @@ def measure_one(kind: str, size: int, model_dir: str | None) -> dict[str, Any]:
             "errors": sum(r["error"] for r in rounds),
             "wall_s": round(wall, 2),
             "round_wall_s": [round(r["wall_s"], 2) for r in rounds],
-            "harness_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "worker_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+            # VmHWM, not ru_maxrss: Linux carries the parent's pre-exec peak into ru_maxrss.
+            "harness_peak_mib": round(read_status_mib("VmHWM"), 1),
+            "worker_peak_mib": round(result.baseline_mib + max(worker_peaks), 1),
             "state_kib": round(_dir_kib(out / "devices"), 1),
         }
     finally:
@@ -104,7 +125,10 @@ def _markdown(data: dict[str, Any]) -> str:
         "",
         f"Each fleet runs {ROUNDS} rounds of {LOCAL_STEPS} local steps on 2 worker processes; `harness` samples 10% "
         "of the fleet per round on the numpy stand-in backend, `embedded` samples 10 devices per round "
-        "on the real client. Peaks are resident memory (ru_maxrss) of the main process and of the largest worker.",
+        "on the real client. Wall time is the run itself (worker start-up and calibration included, the main "
+        "process's own imports not). Peaks: `VmHWM` of the main process; for workers, their runtime baseline "
+        "plus the largest device task they ran. About 430 MiB of either is the interpreter with torch, "
+        "diffusers and transformers imported.",
         "",
         "| fleet | devices | clients/round | device rounds ok | wall s | per-round wall s | main peak MiB | worker peak MiB | device folders KiB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -132,12 +156,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--kinds", nargs="+", choices=("harness", "embedded"), default=["harness", "embedded"])
     p.add_argument("--model-dir", default=None, help="diffusers folder for `embedded` (default: the embedded model)")
+    p.add_argument("--random-model", action="store_true",
+                   help="run `embedded` on random weights with the embedded model's shapes (built in a temp folder)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--one", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.model_dir)))
         return 0
+    if args.random_model and args.model_dir:
+        raise ValueError("give either --model-dir or --random-model, not both")
+    tmp_model = Path(tempfile.mkdtemp(prefix="scale-model-")) if args.random_model else None
+    if tmp_model is not None:
+        args.model_dir = str(build_random_model(tmp_model / "model"))
+    try:
+        results = _run_all(args)
+    finally:
+        if tmp_model is not None:
+            shutil.rmtree(tmp_model, ignore_errors=True)
+    if args.random_model:
+        model = "random weights with the embedded model's shapes (--random-model)"
+    elif args.model_dir:
+        model = Path(args.model_dir).name
+    else:
+        model = "the embedded default (zo_core/assets/tinyworld)"
+    data = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+                   f"{platform.system()} {platform.release()}",
+        "command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": model,
+        "rounds": ROUNDS,
+        "local_steps": LOCAL_STEPS,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
+    (args.out / "scale.md").write_text(_markdown(data))
+    print(f"wrote {args.out / 'scale.json'} and {args.out / 'scale.md'}")
+    return 0
+
+
+def _run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each (kind, size) in a fresh subprocess; returns the rows."""
     results = []
     for kind in args.kinds:
         for size in args.sizes:
@@ -152,20 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind:9s} {size:5d} devices: {row['wall_s']:7.1f} s, main peak {row['harness_peak_mib']} MiB, "
                   f"worker peak {row['worker_peak_mib']} MiB", flush=True)
             results.append(row)
-    data = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-                   f"{platform.system()} {platform.release()}",
-        "command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model_dir and Path(args.model_dir).name or "the embedded default (zo_core/assets/tinyworld)",
-        "rounds": ROUNDS,
-        "local_steps": LOCAL_STEPS,
-        "results": results,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / "scale.md").write_text(_markdown(data))
-    print(f"wrote {args.out / 'scale.json'} and {args.out / 'scale.md'}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

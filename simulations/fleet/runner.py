@@ -137,9 +137,11 @@ def calibrate(pool: WorkerPool, scenario: Scenario, work_dir: Path) -> tuple[Mem
     plans = calibration_plans(scenario)
     jobs = []
     for i, plan in enumerate(plans):
+        # One throwaway device per plan: workers run them concurrently, and a device's folders
+        # (its key, its photos) belong to one device only.
         state = work_dir / "calibration" / f"state-{i}"
         state.mkdir(parents=True, exist_ok=True)
-        data = work_dir / "calibration" / "data"
+        data = work_dir / "calibration" / f"data-{i}"
         data.mkdir(parents=True, exist_ok=True)
         task = DeviceTask(device_id=-1 - i, round=0, plan=plan, state_dir=str(state), data_dir=str(data),
                           concept=0, broadcast={}, seed=i, local_steps=CALIBRATION_STEPS)
