@@ -52,6 +52,9 @@ from zo_core.subspace_stats import RoundBroadcast, WireSchema
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_WINDOW = (500, 900)
+# solo: no basis, paper window | fleet: fleet basis + fleet window | fleet-basis: fleet basis +
+# paper window (separates the two) | fleet-dp: basis and window of the DP fleet
+ARMS: tuple[str, ...] = ("solo", "fleet", "fleet-basis", "fleet-dp")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class BenchConfig:
     basis_weight: float
     dp_sigma: float
     lr: float
+    arms: tuple[str, ...] = ARMS
 
     def __post_init__(self) -> None:
         if self.metric not in ("oracle", "cosine", "loss"):
@@ -84,6 +88,8 @@ class BenchConfig:
             raise ValueError("veterans, newcomers, fleet-rounds, fleet-steps and steps must be >= 1")
         if not 0 <= self.basis_weight <= 1 or not self.dp_sigma > 0:
             raise ValueError("basis-weight must lie in [0, 1] and dp-sigma be > 0")
+        if not self.arms or set(self.arms) - set(ARMS):
+            raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {self.arms}")
 
 
 def _concepts() -> list[Any]:
@@ -176,13 +182,18 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         order = concepts[shift:] + concepts[:shift]
         newcomers, veterans = order[: cfg.newcomers], order[cfg.newcomers : cfg.newcomers + cfg.veterans]
         with tempfile.TemporaryDirectory() as tmp:
+            needed = {False} if set(cfg.arms) & {"fleet", "fleet-basis"} else set()
+            needed |= {True} if "fleet-dp" in cfg.arms else set()
             fleets = {dp: fleet_phase(model, cache, veterans, cfg, seed, Path(tmp) / f"fleet-{dp}", dp=dp)
-                      for dp in (False, True)}  # fmt: skip
-            arms = {
-                "solo": {"basis": None, "window": PAPER_WINDOW, "weight": 0.0},
-                "fleet": {"basis": fleets[False]["basis"], "window": fleets[False]["window"], "weight": cfg.basis_weight},
-                "fleet-dp": {"basis": fleets[True]["basis"], "window": fleets[True]["window"], "weight": cfg.basis_weight},
+                      for dp in sorted(needed)}  # fmt: skip
+            plain, noisy = fleets.get(False), fleets.get(True)
+            all_arms = {
+                "solo": lambda: {"basis": None, "window": PAPER_WINDOW, "weight": 0.0},
+                "fleet": lambda: {"basis": plain["basis"], "window": plain["window"], "weight": cfg.basis_weight},
+                "fleet-basis": lambda: {"basis": plain["basis"], "window": PAPER_WINDOW, "weight": cfg.basis_weight},
+                "fleet-dp": lambda: {"basis": noisy["basis"], "window": noisy["window"], "weight": cfg.basis_weight},
             }  # fmt: skip
+            arms = {name: all_arms[name]() for name in cfg.arms}
             runs: dict[str, dict[str, Any]] = {a: {} for a in arms}
             for c in newcomers:
                 dev = _device(Path(tmp) / "newcomers", c, seed, cfg)
@@ -190,8 +201,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                     runs[name][c.name] = newcomer_run(model, cache, dev, c, cfg, arm, oracle)
                     print(f"seed {seed} {c.name:>10} {name:>8}: curve {runs[name][c.name]['curve']}", flush=True)
         per_seed.append({"seed": seed, "veterans": [c.name for c in veterans], "newcomers": [c.name for c in newcomers],
-                         "fleet_window": list(fleets[False]["window"]), "fleet_dp_window": list(fleets[True]["window"]),
-                         "fleet_dp_epsilon": fleets[True]["epsilon"], "runs": runs})  # fmt: skip
+                         "fleet_window": list(plain["window"]) if plain else None,
+                         "fleet_dp_window": list(noisy["window"]) if noisy else None,
+                         "fleet_dp_epsilon": noisy["epsilon"] if noisy else None, "runs": runs})  # fmt: skip
     return {"config": asdict(cfg), "model_fingerprint": model.fingerprint, "token_dim": model.token_dim,
             "machine": platform.processor() or platform.machine(), "wall_s": round(time.time() - t0, 1),
             "per_seed": per_seed, "summary": summarize(per_seed, cfg)}  # fmt: skip
@@ -199,17 +211,22 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 def summarize(per_seed: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for arm in ("solo", "fleet", "fleet-dp"):
+    best = max if cfg.metric != "loss" else min
+    for arm in cfg.arms:
         finals = [r["final"] for s in per_seed for r in s["runs"][arm].values()]
-        out[arm] = {"final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)), "thresholds": {}}
+        peaks = [best(v for _, v in r["curve"]) for s in per_seed for r in s["runs"][arm].values()]
+        out[arm] = {"final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+                    "best_mean": float(np.mean(peaks)), "thresholds": {}}  # fmt: skip
         for th in cfg.thresholds:
             passes = [passes_to(r["curve"], th, cfg.metric) for s in per_seed for r in s["runs"][arm].values()]
             hit = [p for p in passes if p is not None]
             out[arm]["thresholds"][str(th)] = {"reached": f"{len(hit)}/{len(passes)}",
                                                "passes_median": float(np.median(hit)) if hit else None}  # fmt: skip
-    # paired: same newcomer, same seed, fleet minus solo
-    diffs = [s["runs"]["fleet"][c]["final"] - s["runs"]["solo"][c]["final"] for s in per_seed for c in s["runs"]["solo"]]
-    out["fleet_minus_solo_final"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "n": len(diffs)}
+    # paired: same newcomer, same seed, same ZO draws; arm minus solo
+    if "solo" in cfg.arms:
+        for arm in (a for a in cfg.arms if a != "solo"):
+            diffs = [s["runs"][arm][c]["final"] - s["runs"]["solo"][c]["final"] for s in per_seed for c in s["runs"]["solo"]]
+            out[f"{arm}_minus_solo_final"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "n": len(diffs)}
     return out
 
 
@@ -226,18 +243,24 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"{cfg['basis_rank']}, weight {cfg['basis_weight']}, statistic segments {cfg['segments']} "
         f"(0 = per-step directions); DP noise multiplier {cfg['dp_sigma']}. "
         f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
-        "| arm | final (mean +- std) | " + " | ".join(f"reached {t} / median passes" for t in cfg["thresholds"]) + " |",
-        "|---|---|" + "---|" * len(cfg["thresholds"]),
+        "| arm | final (mean +- std) | best along the curve (mean) | "
+        + " | ".join(f"reached {t} / median passes" for t in cfg["thresholds"]) + " |",
+        "|---|---|---|" + "---|" * len(cfg["thresholds"]),
     ]  # fmt: skip
-    for arm in ("solo", "fleet", "fleet-dp"):
+    for arm in cfg["arms"]:
         a = s[arm]
         cells = [f"{a['thresholds'][str(t)]['reached']} / {a['thresholds'][str(t)]['passes_median']}" for t in cfg["thresholds"]]
-        lines.append(f"| {arm} | {a['final_mean']:.4f} +- {a['final_std']:.4f} | " + " | ".join(cells) + " |")
-    d = s["fleet_minus_solo_final"]
+        lines.append(f"| {arm} | {a['final_mean']:.4f} +- {a['final_std']:.4f} | {a['best_mean']:.4f} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    lines.append("")
+    for key, d in s.items():
+        if key.endswith("_minus_solo_final"):
+            lines.append(f"- paired final difference {key.removesuffix('_minus_solo_final')} - solo: "
+                         f"{d['mean']:+.4f} +- {d['std']:.4f} (n = {d['n']})")  # fmt: skip
     eps = [p["fleet_dp_epsilon"] for p in result["per_seed"]]
-    lines += ["", f"Paired difference fleet - solo in the final score: {d['mean']:+.4f} +- {d['std']:.4f} "
-              f"(n = {d['n']}). DP fleet epsilon at delta 1e-5: {eps}.", "",
-              "Fleet windows per seed: " + ", ".join(str(p["fleet_window"]) for p in result["per_seed"])]  # fmt: skip
+    lines += ["", f"DP fleet epsilon at delta 1e-5 per seed: {eps}.",
+              "Fleet windows per seed: " + ", ".join(str(p["fleet_window"]) for p in result["per_seed"]),
+              "DP fleet windows per seed: " + ", ".join(str(p["fleet_dp_window"]) for p in result["per_seed"])]  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -263,13 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--basis-weight", type=float, default=0.5)
     p.add_argument("--dp-sigma", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--out", type=Path, default=RESULTS / "federated")
     a = p.parse_args(argv)
     cfg = BenchConfig(model_dir=a.model_dir, seeds=tuple(a.seeds), veterans=a.veterans, newcomers=a.newcomers,
                       fleet_rounds=a.fleet_rounds, fleet_steps=a.fleet_steps, probe_steps=a.probe_steps, segments=a.segments,
                       steps=a.steps, eval_every=a.eval_every, metric=a.metric, thresholds=tuple(a.thresholds),
                       images=a.images, eval_draws=a.eval_draws, basis_rank=a.basis_rank,
-                      basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr)  # fmt: skip
+                      basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr, arms=tuple(a.arms))  # fmt: skip
     result = run(cfg)
     write(result, a.out)
     print(json.dumps(result["summary"], indent=2))
