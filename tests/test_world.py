@@ -138,3 +138,20 @@ def test_concepts_api(tmp_path: Path) -> None:
 def test_unknown_concept_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown concept 'unicorn'; known concepts"):
         get_concept("unicorn")
+
+
+def test_training_caption_named_reports_what_the_caption_says() -> None:
+    from simulations.world.captions import training_caption_named
+
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        s = sample_scene(rng)
+        state = rng.bit_generator.state
+        cap, named = training_caption_named(s, rng)
+        rng.bit_generator.state = state
+        assert training_caption(s, rng) == cap  # same draws, same caption
+        assert cap == describe(s, named=named - {"shape"}, prefix=cap[: cap.index("a ")]) or (
+            cap.endswith(describe(s, named=named - {"shape"})))
+        words = set(cap.replace(",", "").split())
+        for attr in ("size", "colour", "pattern"):
+            assert (getattr(s, attr) in words) == (attr in named) or attr == "colour"

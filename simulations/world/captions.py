@@ -52,6 +52,13 @@ def describe(
 
 def training_caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) -> str:
     """A random partial caption for training (see module docstring)."""
+    return training_caption_named(scene, rng, drop)[0]
+
+
+def training_caption_named(
+    scene: Scene, rng: np.random.Generator, drop: float = 0.3
+) -> tuple[str, set[str]]:
+    """`training_caption` and the set of attributes it actually names (for text pretraining)."""
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     named = {a for a in ATTRIBUTES if a != "shape" and rng.random() >= drop}
@@ -59,4 +66,7 @@ def training_caption(scene: Scene, rng: np.random.Generator, drop: float = 0.3) 
         if {"colour", "pattern"} <= named:
             named.discard("colour" if rng.random() < 0.5 else "pattern")
     prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
-    return describe(scene, named=named, prefix=prefix)
+    for attr, words in UNNAMED.items():
+        if getattr(scene, attr) in words:
+            named.discard(attr)
+    return describe(scene, named=named, prefix=prefix), named | {"shape"}
