@@ -278,8 +278,9 @@ def _markdown(result: FleetResult) -> str:
         f"({'auto: the simulated model is as tight as SD1.5 at 512 px' if sc.fleet.memory_scale == 'auto' else 'memory-scale'}); "
         f"app memory is resident memory above the worker's runtime baseline ({result.baseline_mib:.0f} MiB).\n",
         "## Memory model: predicted vs measured\n",
-        "Fitted on 1- and 2-item peaks per (bits, resolution) measured at start-up; each row compares the "
-        "prediction for a planned configuration with the peaks measured while devices ran it.\n\n",
+        "Fitted per (bits, resolution) on the calibration peaks below (two batch sizes each, measured at "
+        "start-up); each row compares the prediction for a planned configuration with the peaks measured "
+        "while devices ran it (negative error: the model predicted less than measured).\n\n",
         _table(memory_validation(result)),
         "\nCalibration peaks (MiB): " + ", ".join(f"{k}: {v:.1f}" for k, v in result.calibration.items()) + "\n",
         "## What each profile could run with SD1.5 at 512 px\n",
