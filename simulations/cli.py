@@ -27,6 +27,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--rounds", type=int, default=None, help="override fleet.rounds")
     p.add_argument("--workers", type=int, default=None, help="override fleet.workers (at most the CPU cores are useful)")
     p.add_argument("--seed", type=int, default=None, help="override fleet.seed")
+    p.add_argument("--model-dir", default=None,
+                   help="override fleet.model-dir: simulate a local diffusers folder instead of the embedded model")
     p.set_defaults(func=run_simulate)
     return p
 
@@ -37,7 +39,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     from simulations.fleet.runner import run_fleet
 
     scenario = load_scenario(args.scenario)
-    changes = {k: v for k, v in (("rounds", args.rounds), ("workers", args.workers), ("seed", args.seed)) if v is not None}
+    given = (("rounds", args.rounds), ("workers", args.workers), ("seed", args.seed), ("model_dir", args.model_dir))
+    changes = {k: v for k, v in given if v is not None}
     if changes:
         scenario = scenario.with_fleet(**changes)
     out = args.out or Path("runs") / f"simulate-{scenario.fleet.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
