@@ -126,6 +126,18 @@ def _profiles(result: FleetResult) -> list[str]:
     return [name for name in result.scenario.devices if result.scenario.devices[name] > 0]
 
 
+def _finish(fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    """Label, lay out, write and close one plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_fidelity(result: FleetResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [r["round"] for r in result.rounds]
@@ -133,13 +145,8 @@ def _plot_fidelity(result: FleetResult, path: Path) -> None:
         ys = [r["fidelity_by_profile"].get(name) for r in result.rounds]
         if any(y is not None for y in ys):
             ax.plot(rounds, [float("nan") if y is None else y for y in ys], marker="o", label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"fidelity: {result.model.get('fidelity', '?')} (mean over trained devices)", fontsize=8)
-    ax.set_title("Fidelity over rounds per profile")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel="round", title="Fidelity over rounds per profile",
+            ylabel=f"fidelity: {result.model.get('fidelity', '?')} (mean over trained devices)")
 
 
 def _plot_memory(result: FleetResult, path: Path) -> None:
@@ -156,12 +163,7 @@ def _plot_memory(result: FleetResult, path: Path) -> None:
     ax.scatter(xs, [caps[n] for n in names], color="tab:red", marker="_", s=900, linewidths=3,
                label=f"cap (budget x {result.memory_scale:.3g})", zorder=3)
     ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
-    ax.set_ylabel("app memory, MiB")
-    ax.set_title("Peak memory per profile against its cap")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel="profile", ylabel="app memory, MiB", title="Peak memory per profile against its cap")
 
 
 def _plot_epsilon(result: FleetResult, path: Path) -> None:
@@ -171,17 +173,12 @@ def _plot_epsilon(result: FleetResult, path: Path) -> None:
     if result.scenario.dp.enabled:
         ax.plot(rounds, [float("nan") if e is None else e for e in eps], marker="o")
         ax.axhline(result.scenario.dp.epsilon_budget, color="tab:red", ls="--", label="budget")
-        ax.legend(fontsize=8)
-        ax.set_title(f"Epsilon over rounds (delta = {result.scenario.dp.delta:g})")
+        title = f"Epsilon over rounds (delta = {result.scenario.dp.delta:g})"
     else:
         ax.text(0.5, 0.5, "differential privacy off: no epsilon guarantee", ha="center", va="center",
                 transform=ax.transAxes)
-        ax.set_title("Epsilon over rounds")
-    ax.set_xlabel("round")
-    ax.set_ylabel("epsilon")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        title = "Epsilon over rounds"
+    _finish(fig, ax, path, xlabel="round", ylabel="epsilon", title=title)
 
 
 def _plot_bytes(result: FleetResult, path: Path) -> None:
@@ -189,13 +186,7 @@ def _plot_bytes(result: FleetResult, path: Path) -> None:
     rounds = [r["round"] for r in result.rounds]
     ax.bar([x - 0.2 for x in rounds], [r["bytes_up"] / 1024 for r in result.rounds], width=0.4, label="uplink (devices -> server)")
     ax.bar([x + 0.2 for x in rounds], [r["bytes_down"] / 1024 for r in result.rounds], width=0.4, label="downlink (server -> devices)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("KiB")
-    ax.set_title("Bytes sent per round")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel="round", ylabel="KiB", title="Bytes sent per round")
 
 
 def _plot_failures(result: FleetResult, path: Path) -> None:
@@ -207,14 +198,8 @@ def _plot_failures(result: FleetResult, path: Path) -> None:
         if any(ys):
             ax.bar(rounds, ys, bottom=bottom, label=kind)
             bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
-    ax.set_xlabel("round")
-    ax.set_ylabel("devices")
-    ax.set_title("Excluded / OOM / dropped / crashed / straggling devices per round")
-    if any(bottom):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel="round", ylabel="devices",
+            title="Excluded / OOM / dropped / crashed / straggling devices per round")
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str] | None = None) -> str:
