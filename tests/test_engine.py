@@ -134,6 +134,10 @@ def test_state_round_trips_through_tensors(tiny_engine: Personalizer, data) -> N
     st = tiny_engine.train(data, tiny_engine.init_state(TI), ZOConfig(tau=4), 5).state
     back = PersonalState.from_tensors(st.to_tensors())
     assert back.placeholder == "<tok>" and back.step == 5 and torch.equal(back.theta, st.theta)
+    # continuing from the reloaded state is bit-identical to continuing in memory (SG projector included)
+    assert st.sg_dirs.shape[0] > 0
+    cont = tiny_engine.train(data, st, ZOConfig(tau=4), 3).state
+    assert torch.equal(tiny_engine.train(data, back, ZOConfig(tau=4), 3).state.theta, cont.theta)
     bad = st.to_tensors()
     bad["theta"] = torch.full_like(bad["theta"], float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
@@ -160,7 +164,8 @@ def test_quantized_engine_learns_with_frozen_weights(tiny_model_dir: Path, backe
 
     engine = Personalizer.from_pretrained(tiny_model_dir, quant=QuantConfig(backend=backend))
     assert engine.quant_report is not None and engine.quant_report.total_after < engine.quant_report.total_before
-    assert engine.fingerprint != Personalizer.from_pretrained(tiny_model_dir).fingerprint
+    # the fleet shares one base model; bits are each device's choice
+    assert engine.fingerprint == Personalizer.from_pretrained(tiny_model_dir).fingerprint
     data = engine.prepare_data_from_images(random_photos(2), TI)
     before = {k: v.clone() for k, v in engine.unet.state_dict().items() if isinstance(v, torch.Tensor)}
     for optimizer in ("zo", "backprop"):

@@ -80,7 +80,7 @@ class Personalizer:
         self.quant_report = quant_report
         self.registry = PlaceholderRegistry(tokenizer, text_encoder.get_input_embeddings().num_embeddings)
         self.splicer = TokenSplicer(text_encoder.get_input_embeddings(), self.registry)
-        self.fingerprint = fingerprint(info.root, quant.backend)
+        self.fingerprint = fingerprint(info.root)  # of the base weights; quantization is per device
         self._vae = None
 
     # ---------------------------------------------------------------- loading

@@ -120,8 +120,12 @@ def inspect_model_dir(model_dir: str | Path | None) -> ModelInfo:
     )
 
 
-def fingerprint(root: Path, quant_backend: str, *, chunk: int = 1 << 20) -> str:
-    """A short identity of (model weights, quantization) that the fleet must agree on.
+def fingerprint(root: Path, *, chunk: int = 1 << 20) -> str:
+    """A short identity of the base model (configs, tokenizer, weights) that the fleet must agree on.
+
+    Quantization is deliberately NOT part of it: it is each device's local choice (a low-end phone
+    runs the 4-bit UNet, an edge box int8), and the statistics the fleet shares - directions of
+    token movement, timestep signal - refer to the same token space of the same base model.
 
     Hashing every byte of a 4 GB SD folder costs seconds at every start on a small device, so each
     weight file contributes its size and three 1 MiB samples (start, middle, end); every config and
@@ -129,7 +133,6 @@ def fingerprint(root: Path, quant_backend: str, *, chunk: int = 1 << 20) -> str:
     file of identical size would collide - accidental fine-tunes change the sampled bytes too.
     """
     h = hashlib.sha256()
-    h.update(f"quant={quant_backend}\n".encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel.startswith(".") or "/." in rel:

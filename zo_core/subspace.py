@@ -31,7 +31,9 @@ def low_variance_directions(buffer: torch.Tensor, nu: float) -> torch.Tensor:
         return vh.new_zeros(0, buffer.shape[1]).float()
     cum = torch.cumsum(lam, 0) / total
     i_star = int(torch.nonzero(cum > 1.0 - nu)[0, 0])  # 0-based index of the first direction kept last
-    return vh[i_star + 1 :].float().contiguous()
+    # canonical strides: a (1, D) slice of vh has strides (1, 1), which sends the projection's matmul
+    # down another kernel than the same values reloaded from a checkpoint - and breaks exact resume
+    return vh[i_star + 1 :].float().clone(memory_format=torch.contiguous_format)
 
 
 def project_out(grad: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

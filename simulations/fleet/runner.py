@@ -264,10 +264,10 @@ def run_fleet(
 def _for_variant(broadcast: dict[str, Any], fingerprint: str) -> dict[str, Any]:
     """The broadcast as a device of one weight-bits variant receives it.
 
-    The engine's fingerprint covers the quantization backend, and a client refuses a round for
-    another fingerprint. A fleet that mixes bits is one base model in several variants, so the
-    server addresses each device with its variant's fingerprint (all variants share the token
-    space, hence the statistic's schema).
+    The engine's fingerprint names the base weights only (quantization is each device's choice), so
+    every bits variant of one base model reports the same fingerprint and this is the broadcast
+    unchanged; the per-variant addressing stays so that a variant that loaded different weights is
+    refused by its own devices instead of silently joining.
     """
     return {**broadcast, "config": {**broadcast["config"], "model-fingerprint": fingerprint}}
 
