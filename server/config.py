@@ -127,7 +127,7 @@ class PutsConfig:
     low: int = 500
     high: int = 900
     buckets: int = 10
-    adapt: bool = True
+    adapt: bool = False  # measured to hurt (benchmarks/results/federated.md): opt in with puts.adapt = true
     min_count_share: float = 0.05  # summed count share below this = "no data in that bucket"
 
     def __post_init__(self) -> None:
