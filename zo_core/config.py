@@ -26,16 +26,27 @@ def default_mu(backend: str) -> float:
     return 1e-2 if backend in ("quanto-int4", "bnb-nf4") else 1e-3
 
 
+def config_kwargs(cls: type, table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Map a table's kebab-case keys onto a dataclass's snake_case fields; unknown keys are an error.
+
+    The one place where TOML / run-config tables become config keyword arguments: a misspelt key
+    must fail loudly instead of silently leaving a default in place (Flower issue #4317).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            allowed = ", ".join(sorted(n.replace("_", "-") for n in names))
+            raise ValueError(f"{where}: unknown key {key!r}; allowed keys: {allowed}")
+        out[name] = value
+    return out
+
+
 def _from_mapping(cls: type[C], values: Mapping[str, Any], prefix: str) -> C:
-    """Build a config from kebab- or snake-case keys; unknown keys are an error, never ignored."""
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.removeprefix(prefix).replace("-", "_")
-        if name not in fields:
-            raise ValueError(f"unknown config key {key!r}; known: {sorted(prefix + f for f in fields)}")
-        kwargs[name] = value
-    return cls(**kwargs)
+    """Build a config from `prefix`-ed kebab- or snake-case keys."""
+    table = {key.removeprefix(prefix): value for key, value in values.items()}
+    return cls(**config_kwargs(cls, table, f"{prefix.rstrip('.')} config"))
 
 
 @dataclass(frozen=True)

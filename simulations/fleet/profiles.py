@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.fleet.toml_keys import kwargs_for
+from zo_core.config import config_kwargs as kwargs_for
 
 SHIPPED_PROFILES = Path(__file__).parent / "profiles" / "devices.toml"
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from server.config import BasisConfig, DPConfig, PutsConfig, SecAggConfig
 from simulations.fleet.profiles import DeviceProfile, load_profiles, profiles_from_tables
-from simulations.fleet.toml_keys import kwargs_for
+from zo_core.config import config_kwargs as kwargs_for
 from zo_core.config import ZOConfig
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
