@@ -22,9 +22,7 @@ import torch
 
 from client.state_store import EncryptedStateStore
 from zo_core.config import QuantConfig, TIConfig, ZOConfig
-from zo_core.engine import Personalizer, PrivateData, step_generator
-from zo_core.objective import Objective, Sample
-from zo_core.puts import sample_timestep
+from zo_core.engine import Personalizer, PrivateData
 from zo_core.state import PersonalState
 from zo_core.subspace_stats import RoundBroadcast, client_statistic
 
@@ -253,24 +251,8 @@ def run_fit_round(
     return stats, metrics
 
 
-@torch.no_grad()
 def evaluate_state(model: Personalizer, data: PrivateData, state: PersonalState, window: tuple[int, int],
                    draws: int) -> float:  # fmt: skip
-    """Mean loss of the token on `draws` fixed (image, noise, timestep) draws inside `window`.
-
-    The draws come from a fixed evaluation seed, not the training stream, so the numbers of two
-    rounds are comparable. (The engine has no public evaluation call yet; this builds the samples
-    from PrivateData's documented fields and scores them with the engine's Objective.)
-    """
-    objective = Objective(model.text_encoder, model.unet, model.scheduler, model.splicer, data.token_ids)
-    losses = []
-    for i in range(draws):
-        gen = step_generator(EVAL_SEED, i)
-        j = int(torch.randint(len(data), (1,), generator=gen).item())
-        mean, std = data.latent_mean[j : j + 1], data.latent_std[j : j + 1]
-        latent = mean + std * torch.randn(mean.shape, generator=gen)
-        noise = torch.randn(mean.shape, generator=gen)
-        sample = Sample(latent=latent, noise=noise, timestep=sample_timestep(gen, window),
-                        input_ids=data.captions[j][:1])  # fmt: skip
-        losses.append(float(objective.losses(sample, state.theta[None])[0]))
-    return float(np.mean(losses))
+    """Mean loss of the token on `draws` fixed draws inside `window`; the draws come from a fixed
+    evaluation seed, not the training stream, so the numbers of two rounds are comparable."""
+    return model.evaluate(data, state, window=window, draws=draws, seed=EVAL_SEED)

@@ -75,13 +75,7 @@ def test_only_the_token_changes(tiny_engine: Personalizer, data, optimizer: str)
 
 
 def _eval_loss(engine: Personalizer, data, theta: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
-    obj = _objective(engine, data)
-    with torch.no_grad():
-        total = 0.0
-        for s in range(24):
-            sample = engine._draw_sample(data, step_generator(999, s), (500, 900))
-            total += float(obj.losses(sample, theta[None])[0])
-    return total / 24
+    return engine.evaluate(data, engine.init_state(TI).replace(theta=theta), window=(500, 900), draws=24, seed=999)
 
 
 @pytest.mark.parametrize("optimizer", ["zo", "backprop"])

@@ -190,6 +190,21 @@ class Personalizer:
         noise = torch.randn(mean.shape, generator=gen)
         return Sample(latent=latent, noise=noise, timestep=sample_timestep(gen, window), input_ids=caps[c : c + 1])
 
+    @torch.no_grad()
+    def evaluate(self, data: PrivateData, state: PersonalState, *, window: tuple[int, int] | None,
+                 draws: int, seed: int) -> float:  # fmt: skip
+        """Mean loss of the state's token on `draws` draws fixed by `seed` (not the training stream),
+        so that losses of two rounds or two tokens compare on the same samples."""
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        window = check_window(window, self.num_train_timesteps)
+        objective = Objective(self.text_encoder, self.unet, self.scheduler, self.splicer, data.token_ids)
+        total = 0.0
+        for i in range(draws):
+            sample = self._draw_sample(data, step_generator(seed, i), window)
+            total += float(objective.losses(sample, state.theta[None])[0])
+        return total / draws
+
     def train(
         self,
         data: PrivateData,
