@@ -85,7 +85,7 @@ def measure_one(kind: str, size: int, model_dir: str | None) -> dict[str, Any]:
     from simulations.fleet.report import write_report
     from simulations.fleet.runner import run_fleet
     from simulations.fleet.scenario import scenario_from_dict
-    from simulations.fleet.workers import read_status_mib
+    from zo_core.memory import read_status_mib
 
     out = Path(tempfile.mkdtemp(prefix=f"scale-{kind}-{size}-"))
     try:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -23,6 +21,7 @@ import torch
 from client.state_store import EncryptedStateStore
 from zo_core.config import QuantConfig, TIConfig, ZOConfig
 from zo_core.engine import Personalizer, PrivateData
+from zo_core.memory import process_peak_mib
 from zo_core.state import PersonalState
 from zo_core.subspace_stats import RoundBroadcast, client_statistic
 
@@ -166,12 +165,6 @@ class ModelCache:
             return self._data[key]
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
 def load_state(store: EncryptedStateStore, model: Personalizer, device: DeviceConfig) -> PersonalState:
     """The device's saved state, or a fresh one; a state for another model/concept is an error."""
     saved = store.load()
@@ -209,11 +202,11 @@ def run_fit_round(
             f"broadcast schema (D={broadcast.dim}, T={broadcast.num_train_timesteps}) does not match "
             f"this device (D={D}, T={model.num_train_timesteps})"
         )
-    if device.memory_budget_mib and peak_rss_mib() > device.memory_budget_mib:
+    if device.memory_budget_mib and process_peak_mib() > device.memory_budget_mib:
         # The model and the encoded photos are loaded by now: a device already over its budget
         # refuses the round instead of training into an out-of-memory kill mid-write.
         raise MemoryError(
-            f"peak resident memory {peak_rss_mib():.0f} MiB exceeds this device's budget of "
+            f"peak resident memory {process_peak_mib():.0f} MiB exceeds this device's budget of "
             f"{device.memory_budget_mib:.0f} MiB before training; use a quantized backend or a smaller model"
         )
     state = load_state(store, model, device)
@@ -242,7 +235,7 @@ def run_fit_round(
         "loss-last": float(np.mean(res.losses[-k:])),
         "local-steps": float(len(res.losses)),
         "forward-passes": float(forwards),
-        "peak-rss-mib": peak_rss_mib(),
+        "peak-rss-mib": process_peak_mib(),
         "wall-s": time.perf_counter() - t0,
     }
     if device.memory_budget_mib and metrics["peak-rss-mib"] > device.memory_budget_mib:

@@ -30,9 +30,30 @@ from torch import nn
 
 from zo_core.quantize import storage_tensors
 
-__all__ = ["MemoryMeter", "PhaseMemory", "materialize"]
+__all__ = ["MemoryMeter", "PhaseMemory", "materialize", "process_peak_mib", "read_status_mib", "reset_peak"]
 
 MIB = 1024 * 1024
+
+
+def read_status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory field (``VmRSS``, ``VmHWM``) of /proc/<pid>/status, in MiB (Linux)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # "VmHWM:   123456 kB"
+    raise RuntimeError(f"/proc/{pid}/status has no {field} line")
+
+
+def reset_peak() -> None:
+    """Reset this process's VmHWM to its current VmRSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def process_peak_mib() -> float:
+    """Peak resident memory of this process since it started (``ru_maxrss``; never reset)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 @dataclass(frozen=True)
@@ -122,13 +143,6 @@ class MemoryMeter:
             return False
         return True
 
-    @staticmethod
-    def _ru_maxrss_mib() -> float:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (
-            peak / MIB if sys.platform == "darwin" else peak / 1024
-        )  # bytes on macOS, KiB on Linux
-
     def _raw_peak(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / MIB
@@ -136,7 +150,7 @@ class MemoryMeter:
             kib = self._proc_kib("VmHWM")
             if kib is not None:
                 return kib / 1024
-        return self._ru_maxrss_mib()
+        return process_peak_mib()
 
     # -- public API -----------------------------------------------------------------------------
 

@@ -44,18 +44,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Literal
 
 from simulations.fleet.backend import DeviceTask, InjectedCrash, TaskResult
+from zo_core.memory import read_status_mib, reset_peak
 
 Status = Literal["ok", "oom", "crash", "error"]
-KIB_PER_MIB = 1024
-
-
-def read_status_mib(field: str, pid: int | str = "self") -> float:
-    """A memory field (``VmRSS``, ``VmHWM``) of /proc/<pid>/status, in MiB."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / KIB_PER_MIB
-    raise RuntimeError(f"/proc/{pid}/status has no {field} line")
 
 
 def release_memory() -> None:
@@ -70,12 +61,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: freed pages stay with the allocator and peaks are conservative
         pass
-
-
-def reset_peak() -> None:
-    """Reset this process's VmHWM to its current VmRSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 @dataclass(frozen=True)
