@@ -35,9 +35,8 @@ class SimulatedServer:
     ----------
     schema
         Wire schema of the simulated model.
-    variant_fingerprints
-        Fingerprint of each weight-bits variant of the model the fleet runs (bits -> fingerprint);
-        broadcasts carry the full-precision one, and `runner._for_variant` readdresses them.
+    fingerprint
+        Fingerprint of the base model the fleet runs (the same for every weight-bits variant).
     zo, basis, puts, dp, secagg
         The scenario's configs.
     local_steps
@@ -50,7 +49,7 @@ class SimulatedServer:
         self,
         schema: WireSchema,
         *,
-        variant_fingerprints: dict[int, str],
+        fingerprint: str,
         zo: ZOConfig,
         basis: BasisConfig,
         puts: PutsConfig,
@@ -59,10 +58,9 @@ class SimulatedServer:
         local_steps: int,
         seed: int,
     ) -> None:
-        if not variant_fingerprints:
-            raise ValueError("the server needs the fingerprint of at least one model variant")
-        self.variant_fingerprints = dict(variant_fingerprints)
-        self.schema, self.fingerprint, self.zo = schema, self.variant_fingerprints[max(variant_fingerprints)], zo
+        if not fingerprint:
+            raise ValueError("the server needs the fingerprint of the model the fleet runs")
+        self.schema, self.fingerprint, self.zo = schema, fingerprint, zo
         self.secagg, self.local_steps, self.basis_cfg = secagg, local_steps, basis
         noise = np.random.default_rng(np.random.SeedSequence([seed, DP_NOISE_STREAM])) if dp.enabled else None
         self.state = FleetState(schema, basis=basis, puts=puts, dp=dp, noise_rng=noise)

@@ -239,7 +239,7 @@ def run_fleet(
                 d.count("excluded")
         progress(f"planned: {len(eligible)} devices can train, {excluded} excluded (no configuration fits)")
         schema = WireSchema(int(model_info["dim"]), scenario.puts.buckets, int(model_info["num_train_timesteps"]))
-        server = SimulatedServer(schema, variant_fingerprints=model_info["fingerprints"], zo=scenario.zo,
+        server = SimulatedServer(schema, fingerprint=_one_fingerprint(model_info["fingerprints"]), zo=scenario.zo,
                                  basis=scenario.basis, puts=scenario.puts, dp=scenario.dp, secagg=scenario.secagg,
                                  local_steps=fleet.local_steps, seed=fleet.seed)
         rounds: list[dict[str, Any]] = []
@@ -261,15 +261,12 @@ def run_fleet(
                        time.perf_counter() - t_start, restarts, baseline)
 
 
-def _for_variant(broadcast: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-    """The broadcast as a device of one weight-bits variant receives it.
-
-    The engine's fingerprint names the base weights only (quantization is each device's choice), so
-    every bits variant of one base model reports the same fingerprint and this is the broadcast
-    unchanged; the per-variant addressing stays so that a variant that loaded different weights is
-    refused by its own devices instead of silently joining.
-    """
-    return {**broadcast, "config": {**broadcast["config"], "model-fingerprint": fingerprint}}
+def _one_fingerprint(by_bits: dict[int, str]) -> str:
+    """The fleet's base-model fingerprint; weight-bits variants of one model share it (quantization is a
+    device's choice), so variants that disagree loaded different weights and the run must not start."""
+    if len(set(by_bits.values())) != 1:
+        raise ValueError(f"the weight-bits variants report different model fingerprints: {by_bits}")
+    return next(iter(by_bits.values()))
 
 
 def _fmt(x: float | None) -> str:
@@ -295,7 +292,6 @@ def _run_round(
     sampled = [online[i] for i in sorted(rng.choice(len(online), size=k, replace=False))] if k else []
     faults = draw_faults(scenario.faults, fleet.seed, r, [d.id for d in sampled], fleet.local_steps)
     broadcast = server.broadcast(r)
-    fingerprints = server.variant_fingerprints
     jobs: list[Job] = []
     staging: list[Path] = []
     for d in sampled:
@@ -306,7 +302,7 @@ def _run_round(
         staging.append(stage)
         cap = d.budget_mib * (1 - scenario.faults.memory_pressure_fraction if f.memory_pressure else 1.0)
         task = DeviceTask(device_id=d.id, round=r, plan=d.plan, state_dir=str(stage), data_dir=str(d.data_dir),
-                          concept=d.concept, broadcast=_for_variant(broadcast, fingerprints[d.plan.bits]),
+                          concept=d.concept, broadcast=broadcast,
                           seed=int(_rng(fleet.seed, SEED_STREAM, d.id, r).integers(0, 2**31 - 1)),
                           local_steps=fleet.local_steps, crash_at_step=f.crash_at_step, fresh_start=f.restart)
         jobs.append(Job(task, cap))
