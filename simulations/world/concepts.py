@@ -105,7 +105,21 @@ _CONCEPTS: tuple[Concept, ...] = (
             initializer="triangle"),
     Concept("ember", shape="triangle", colour="orange", pattern="striped", initializer="triangle"),
     Concept("grape", shape="cross", colour="purple", pattern="dotted", initializer="cross"),
+    Concept("tidepool", shape="square", colour="teal", pattern="striped", initializer="square"),
+    Concept("verdigris", shape="triangle", colour="teal", pattern="dotted",
+            initializer="triangle"),
+    Concept("glacier", shape="diamond", colour="teal", pattern="plain", initializer="diamond"),
 )
+
+# The (shape, colour, pattern) triples the embedded model's training captions never name in full.
+# This set is part of the model's training recipe, not derived from the concept list: a new
+# hidden-combination concept needs a retrained model (the old one has seen its name), while a
+# concept with an unnamed value (teal, checkered) needs no hiding - no caption can name it.
+TRAINING_HIDDEN: frozenset[tuple[str, str, str]] = frozenset({
+    ("diamond", "teal", "checkered"), ("circle", "teal", "plain"),
+    ("square", "red", "checkered"), ("triangle", "green", "checkered"),
+    ("triangle", "orange", "striped"), ("cross", "purple", "dotted"),
+})
 
 
 def list_concepts() -> list[str]:
@@ -124,4 +138,14 @@ def get_concept(name: str) -> Concept:
 
 def hidden_combinations() -> set[tuple[str, str, str]]:
     """(shape, colour, pattern) triples that no training caption may name in full."""
-    return {(c.shape, c.colour, c.pattern) for c in _CONCEPTS}
+    return set(TRAINING_HIDDEN)
+
+
+def is_nameless(concept: Concept) -> bool:
+    """True when the embedded model has no words for the concept's identity.
+
+    Either one of its values is never written in any caption, or its triple is one the training
+    captions hide. A concept failing this is not personal: the model was taught its name.
+    """
+    unnamed = any(getattr(concept, a) in UNNAMED.get(a, ()) for a in IDENTITY)
+    return unnamed or (concept.shape, concept.colour, concept.pattern) in TRAINING_HIDDEN
