@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -50,15 +51,22 @@ METHODS: dict[str, dict[str, Any]] = {
     "backprop_ti_puts": {"optimizer": "backprop", "use_sg": False, "puts": (500, 900)},
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Concepts whose VAE ceiling is below this cannot show a full concept match, whatever the method.
+LEARNABLE_CEILING = 0.5
+
+
+PRECISIONS: dict[str, str] = {"fp32": "none", "int8": "quanto-int8", "int4": "quanto-int4"}
 
 
 @dataclass(frozen=True)
 class QualityConfig:
     """Scale and settings of one benchmark run (saved with the results)."""
 
-    concepts: tuple[str, ...] = ("mosaic", "ember")
+    concepts: tuple[str, ...] = ("lagoon", "ember")
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = tuple(METHODS)
+    precisions: tuple[str, ...] = ("fp32",)  # keys of PRECISIONS; int8 / int4 via quanto
+    quant_methods: tuple[str, ...] = ("zoodip", "backprop_ti")  # the methods run quantized too
     budget: int = 1200  # UNet forward evaluations per run
     eval_points: int = 4  # fidelity measured after budget * k / eval_points, k = 1..eval_points
     zo_lr: float = 5e-3
@@ -73,11 +81,15 @@ class QualityConfig:
     def __post_init__(self) -> None:
         for c in self.concepts:
             get_concept(c)  # raises with the known names
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
-        if not self.concepts or not self.seeds or not self.methods:
-            raise ValueError("concepts, seeds and methods must be non-empty")
+        for group in (self.methods, self.quant_methods):
+            unknown = [m for m in group if m not in METHODS]
+            if unknown:
+                raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad:
+            raise ValueError(f"unknown precisions {bad}; known: {list(PRECISIONS)}")
+        if not self.concepts or not self.seeds or not self.methods or not self.precisions:
+            raise ValueError("concepts, seeds, methods and precisions must be non-empty")
         if self.budget < 3 * self.eval_points:
             raise ValueError(f"budget {self.budget} too small for {self.eval_points} eval points")
         if self.n_images < 1 or self.gen_steps < 1 or self.eval_points < 1:
@@ -85,31 +97,49 @@ class QualityConfig:
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
 
+    def cells(self) -> list[tuple[str, int, str]]:
+        """(concept, seed, precision): the unit of work one process runs and saves."""
+        return [(c, s, p) for c in self.concepts for s in self.seeds for p in self.precisions]
+
+    def methods_at(self, precision: str) -> list[str]:
+        """fp32 runs every method; quantized precisions the `quant_methods` among them."""
+        if precision == "fp32":
+            return list(self.methods)
+        return [m for m in self.methods if m in self.quant_methods]
+
 
 @dataclass
 class RunResult:
-    """One (concept, seed, method) run."""
+    """One (concept, seed, method, precision) run."""
 
     concept: str
     seed: int
     method: str
+    precision: str = "fp32"
     forwards: list[int] = field(default_factory=list)
     concept_match: list[float] = field(default_factory=list)
     feature_cosine: list[float] = field(default_factory=list)
+    wall_at: list[float] = field(default_factory=list)  # cumulative training wall s per point
     prompt_match: float = 0.0
     prompt_concept_match: float = 0.0
     forwards_to_threshold: int | None = None
+    wall_to_threshold_s: float | None = None
     train_wall_s: float = 0.0
     train_peak_rise_mib: float = 0.0
     initial_concept_match: float = 0.0
 
+    @property
+    def label(self) -> str:
+        return self.method if self.precision == "fp32" else f"{self.method}@{self.precision}"
 
-def _zo_config(cfg: QualityConfig, method: str):  # type: ignore[no-untyped-def]
-    from zo_core.config import ZOConfig
+
+def _zo_config(cfg: QualityConfig, method: str, precision: str = "fp32"):  # type: ignore[no-untyped-def]
+    from zo_core.config import ZOConfig, default_mu
 
     spec = METHODS[method]
     lr = cfg.zo_lr if spec["optimizer"] == "zo" else cfg.backprop_lr
-    return ZOConfig(use_sg=spec["use_sg"], puts=spec["puts"], lr=lr, tau=cfg.tau)
+    return ZOConfig(use_sg=spec["use_sg"], puts=spec["puts"], lr=lr, tau=cfg.tau,
+                    mu=default_mu(PRECISIONS[precision]))
 
 
 def _fidelity(engine: Any, state: Any, oracle: Oracle, concept: Any, cfg: QualityConfig,
@@ -133,122 +163,250 @@ def _prompt_fidelity(engine: Any, state: Any, oracle: Oracle, concept: Any, cfg:
     return float(np.mean(match)), float(np.mean(keep))
 
 
-def run(cfg: QualityConfig, *, log: bool = True) -> dict[str, Any]:
-    """Run the benchmark grid; returns the JSON-able record."""
-    from zo_core.config import TIConfig
+def run_cell(cfg: QualityConfig, concept_name: str, seed: int, precision: str,
+             *, log: bool = True) -> list[RunResult]:
+    """Every method of one (concept, seed, precision) cell from the same initial token."""
+    from zo_core.config import QuantConfig, TIConfig
     from zo_core.engine import Personalizer
     from zo_core.memory import MemoryMeter
 
-    engine = Personalizer.from_pretrained(cfg.model_dir)
+    engine = Personalizer.from_pretrained(cfg.model_dir,
+                                          quant=QuantConfig(backend=PRECISIONS[precision]))
     oracle = Oracle.load()
     meter = MemoryMeter("cpu")
-    runs: list[RunResult] = []
-    for concept_name in cfg.concepts:
-        concept = get_concept(concept_name)
-        ti = TIConfig(placeholder=concept.placeholder, initializer=concept.initializer)
-        for seed in cfg.seeds:
-            data = engine.prepare_data_from_images(concept.private_photos(seed), ti)
-            initial = _fidelity(engine, engine.init_state(ti, seed=seed), oracle, concept, cfg, seed)
-            for method in cfg.methods:
-                zo = _zo_config(cfg, method)
-                optimizer = METHODS[method]["optimizer"]
-                per_step = zo.forwards_per_step if optimizer == "zo" else 1
-                chunk = cfg.budget // cfg.eval_points // per_step
-                state = engine.init_state(ti, seed=seed)
-                res = RunResult(concept_name, seed, method,
-                                initial_concept_match=initial["match"])
-                spent = 0
-                for k in range(cfg.eval_points):
-                    with meter.phase(f"{concept_name}/{seed}/{method}/{k}"):
-                        out = engine.train(data, state, zo, chunk, optimizer=optimizer)
-                    rise = meter.phases[f"{concept_name}/{seed}/{method}/{k}"].rise_mib
-                    res.train_peak_rise_mib = max(res.train_peak_rise_mib, rise)
-                    state = out.state
-                    spent += out.forward_passes
-                    res.train_wall_s += out.wall_s
-                    fid = _fidelity(engine, state, oracle, concept, cfg, seed)
-                    res.forwards.append(spent)
-                    res.concept_match.append(fid["match"])
-                    res.feature_cosine.append(fid["feature_cosine"])
-                    if res.forwards_to_threshold is None and fid["match"] >= cfg.threshold:
-                        res.forwards_to_threshold = spent
-                res.prompt_match, res.prompt_concept_match = _prompt_fidelity(
-                    engine, state, oracle, concept, cfg, seed)
-                runs.append(res)
-                if log:
-                    print(f"{concept_name} seed {seed} {method}: concept {res.concept_match} "
-                          f"prompt {res.prompt_match:.2f} wall {res.train_wall_s:.1f}s", flush=True)
+    concept = get_concept(concept_name)
+    ti = TIConfig(placeholder=concept.placeholder, initializer=concept.initializer)
+    data = engine.prepare_data_from_images(concept.private_photos(seed), ti)
+    initial = _fidelity(engine, engine.init_state(ti, seed=seed), oracle, concept, cfg, seed)
+    runs = []
+    for method in cfg.methods_at(precision):
+        zo = _zo_config(cfg, method, precision)
+        optimizer = METHODS[method]["optimizer"]
+        per_step = zo.forwards_per_step if optimizer == "zo" else 1
+        chunk = cfg.budget // cfg.eval_points // per_step
+        state = engine.init_state(ti, seed=seed)
+        res = RunResult(concept_name, seed, method, precision,
+                        initial_concept_match=initial["match"])
+        spent = 0
+        for k in range(cfg.eval_points):
+            phase = f"{method}/{k}"
+            with meter.phase(phase):
+                out = engine.train(data, state, zo, chunk, optimizer=optimizer)
+            res.train_peak_rise_mib = max(res.train_peak_rise_mib, meter.phases[phase].rise_mib)
+            state = out.state
+            spent += out.forward_passes
+            res.train_wall_s += out.wall_s
+            fid = _fidelity(engine, state, oracle, concept, cfg, seed)
+            res.forwards.append(spent)
+            res.wall_at.append(res.train_wall_s)
+            res.concept_match.append(fid["match"])
+            res.feature_cosine.append(fid["feature_cosine"])
+            if res.forwards_to_threshold is None and fid["match"] >= cfg.threshold:
+                res.forwards_to_threshold, res.wall_to_threshold_s = spent, res.train_wall_s
+        res.prompt_match, res.prompt_concept_match = _prompt_fidelity(
+            engine, state, oracle, concept, cfg, seed)
+        runs.append(res)
+        if log:
+            print(f"{concept_name} seed {seed} {res.label}: concept {res.concept_match} "
+                  f"prompt {res.prompt_match:.2f} wall {res.train_wall_s:.1f}s", flush=True)
+    return runs
+
+
+@torch.no_grad()
+def vae_ceiling(cfg: QualityConfig, concept_name: str, n: int = 48) -> float:
+    """Oracle concept match on VAE reconstructions of fresh renders of the concept.
+
+    No token can make the model draw what its decoder cannot: this is the highest concept match
+    any method can reach, and it separates concepts that rank methods from those that cannot.
+    """
+    from diffusers import AutoencoderKL
+
+    from simulations.world.oracle import to_tensor
+    from simulations.world.render import render_batch, sample_scene
+    from zo_core.model_io import inspect_model_dir
+
+    concept = get_concept(concept_name)
+    vae = AutoencoderKL.from_pretrained(inspect_model_dir(cfg.model_dir).root / "vae",
+                                        local_files_only=True, torch_dtype=torch.float32)
+    rng = np.random.default_rng([0, 9])
+    scenes = [sample_scene(rng, fixed=concept.attributes) for _ in range(n)]
+    x = to_tensor(render_batch(scenes, rng))
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    return Oracle.load().concept_fidelity([Image.fromarray(a) for a in arr], concept)["match"]
+
+
+def _cell_path(cells_dir: Path, cell: tuple[str, int, str]) -> Path:
+    concept, seed, precision = cell
+    return cells_dir / f"{concept}-seed{seed}-{precision}.json"
+
+
+def _cell_worker(args: tuple[dict[str, Any], tuple[str, int, str], str, int]) -> str:
+    """Process entry: run one cell, write its runs atomically (a crash loses only this cell)."""
+    cfg_dict, cell, cells_dir, threads = args
+    torch.set_num_threads(threads)
+    cfg = QualityConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    runs = run_cell(cfg, *cell)
+    path = _cell_path(Path(cells_dir), cell)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": cfg_dict, "runs": [asdict(r) for r in runs]}, indent=1))
+    tmp.replace(path)
+    return path.name
+
+
+def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+    """Run every missing cell (`jobs` processes in parallel), then gather all cells' runs."""
+    import multiprocessing as mp
+
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = asdict(cfg)
+    todo = []
+    for cell in cfg.cells():
+        path = _cell_path(cells_dir, cell)
+        if path.exists() and json.loads(path.read_text())["config"] == json.loads(json.dumps(cfg_dict)):
+            print(f"cell {path.name}: done before, reusing", flush=True)
+            continue
+        todo.append((cfg_dict, cell, str(cells_dir), threads))
+    print(f"{len(todo)} of {len(cfg.cells())} cells to run, {jobs} at a time", flush=True)
+    if jobs == 1:
+        for item in todo:
+            _cell_worker(item)
+    else:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for i, name in enumerate(pool.imap_unordered(_cell_worker, todo), 1):
+                print(f"[{i}/{len(todo)}] cell {name} written", flush=True)
+    runs = [RunResult(**r) for cell in cfg.cells()
+            for r in json.loads(_cell_path(cells_dir, cell).read_text())["runs"]]
+    ceilings = {c: vae_ceiling(cfg, c) for c in cfg.concepts}
     return {
-        "config": asdict(cfg),
+        "config": cfg_dict,
         "scale": (f"{len(cfg.concepts)} concepts x {len(cfg.seeds)} seeds x "
-                  f"{len(cfg.methods)} methods, {cfg.budget} UNet forwards per run, "
-                  f"{cfg.n_images} images per fidelity point"),
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+                  f"{len(cfg.methods)} methods (precisions {', '.join(cfg.precisions)}), "
+                  f"{cfg.budget} UNet forwards per run, {cfg.n_images} images per fidelity point"),
+        "machine": {"cpu_threads_per_job": threads, "jobs": jobs, "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "vae_ceiling": ceilings,
         "runs": [asdict(r) for r in runs],
         "summary": summarize(runs, cfg),
+        "summary_learnable": summarize(
+            [r for r in runs if ceilings[r.concept] >= LEARNABLE_CEILING], cfg),
     }
 
 
+def _labels(cfg: QualityConfig) -> list[str]:
+    return [m if p == "fp32" else f"{m}@{p}" for p in cfg.precisions for m in cfg.methods_at(p)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
 def summarize(runs: list[RunResult], cfg: QualityConfig) -> dict[str, dict[str, float | None]]:
-    """Mean over concepts and seeds, per method."""
+    """Mean over concepts and seeds (and the spread over them), per method and precision."""
     out: dict[str, dict[str, float | None]] = {}
-    for method in cfg.methods:
-        rs = [r for r in runs if r.method == method]
+    for label in _labels(cfg):
+        rs = [r for r in runs if r.label == label]
         if not rs:
             continue
-        reached = [r.forwards_to_threshold for r in rs if r.forwards_to_threshold is not None]
-        out[method] = {
+        reached = [r for r in rs if r.forwards_to_threshold is not None]
+        final, final_sd = _mean_std([r.concept_match[-1] for r in rs])
+        out[label] = {
+            "runs": float(len(rs)),
             "initial_concept_match": float(np.mean([r.initial_concept_match for r in rs])),
-            "final_concept_match": float(np.mean([r.concept_match[-1] for r in rs])),
+            "final_concept_match": final,
+            "final_concept_match_std": final_sd,
             "final_feature_cosine": float(np.mean([r.feature_cosine[-1] for r in rs])),
             "prompt_match": float(np.mean([r.prompt_match for r in rs])),
             "prompt_concept_match": float(np.mean([r.prompt_concept_match for r in rs])),
             "runs_reaching_threshold": float(len(reached)) / len(rs),
-            "mean_forwards_to_threshold": float(np.mean(reached)) if reached else None,
+            "mean_forwards_to_threshold": (float(np.mean([r.forwards_to_threshold for r in reached]))
+                                           if reached else None),
+            "mean_wall_to_threshold_s": (float(np.mean([r.wall_to_threshold_s for r in reached]))
+                                         if reached else None),
             "train_wall_s": float(np.mean([r.train_wall_s for r in rs])),
             "train_peak_rise_mib": float(np.max([r.train_peak_rise_mib for r in rs])),
         }
     return out
 
 
-def markdown(record: dict[str, Any]) -> str:
-    """The summary as a markdown table."""
-    lines = [f"Scale: {record['scale']}.", "",
-             "| method | concept match (start -> end) | feature cos | prompt match | "
-             "concept kept in context | runs >= threshold | forwards to threshold | "
+def _table(summary: dict[str, Any]) -> list[str]:
+    lines = ["| method | runs | concept match start -> end (std) | feature cos | prompt match | "
+             "concept kept in context | runs >= threshold | forwards / wall s to threshold | "
              "train wall s | peak rise MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for m, s in record["summary"].items():
-        ftt = "-" if s["mean_forwards_to_threshold"] is None else f"{s['mean_forwards_to_threshold']:.0f}"
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, s in summary.items():
+        ftt = ("-" if s["mean_forwards_to_threshold"] is None else
+               f"{s['mean_forwards_to_threshold']:.0f} / {s['mean_wall_to_threshold_s']:.1f}")
         lines.append(
-            f"| {m} | {s['initial_concept_match']:.2f} -> {s['final_concept_match']:.2f} | "
+            f"| {m} | {s['runs']:.0f} | {s['initial_concept_match']:.2f} -> "
+            f"{s['final_concept_match']:.2f} ({s['final_concept_match_std']:.2f}) | "
             f"{s['final_feature_cosine']:.3f} | {s['prompt_match']:.2f} | "
             f"{s['prompt_concept_match']:.2f} | {s['runs_reaching_threshold']:.2f} | {ftt} | "
             f"{s['train_wall_s']:.1f} | {s['train_peak_rise_mib']:.0f} |")
+    return lines
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """Summary tables (all concepts; concepts the VAE can draw) and the per-concept finals."""
+    cfg = record["config"]
+    lines = [f"Scale: {record['scale']}.", "",
+             f"Machine: {record['machine']}; total wall {record.get('total_wall_s', '?')} s.", "",
+             "VAE ceiling (concept match on VAE reconstructions of renders): "
+             + ", ".join(f"{c} {v:.2f}" for c, v in record["vae_ceiling"].items()), "",
+             "### All concepts", "", *_table(record["summary"]), ""]
+    if record["summary_learnable"]:
+        lines += [f"### Concepts with VAE ceiling >= {LEARNABLE_CEILING}", "",
+                  *_table(record["summary_learnable"]), ""]
+        ref = record["summary_learnable"].get("backprop_ti")
+        if ref and ref["final_concept_match"] > 0:
+            lines.append("Final concept match relative to backprop TI (learnable concepts): " + ", ".join(
+                f"{m} {s['final_concept_match'] / ref['final_concept_match']:.0%}"
+                for m, s in record["summary_learnable"].items()) + ".")
+            lines.append("")
+    labels = list(record["summary"])
+    lines += ["### Final concept match per concept (mean over seeds)", "",
+              "| concept | ceiling | " + " | ".join(labels) + " |",
+              "|---|---|" + "---|" * len(labels)]
+    for c in cfg["concepts"]:
+        row = []
+        for label in labels:
+            vals = [r["concept_match"][-1] for r in record["runs"]
+                    if r["concept"] == c and _run_label(r) == label]
+            row.append(f"{np.mean(vals):.2f}" if vals else "-")
+        lines.append(f"| {c} | {record['vae_ceiling'][c]:.2f} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _run_label(r: dict[str, Any]) -> str:
+    return r["method"] if r.get("precision", "fp32") == "fp32" else f"{r['method']}@{r['precision']}"
+
+
 def plot(record: dict[str, Any], png: Path) -> None:
-    """Concept match vs forward passes, mean over concepts and seeds, one line per method."""
+    """Concept match and feature cosine vs forward passes, mean over concepts and seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method in record["config"]["methods"]:
-        rs = [r for r in record["runs"] if r["method"] == method]
-        if not rs:
-            continue
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label in record["summary"]:
+        rs = [r for r in record["runs"] if _run_label(r) == label]
         x = [0] + rs[0]["forwards"]
-        y = [np.mean([r["initial_concept_match"] for r in rs])] + list(
+        match = [np.mean([r["initial_concept_match"] for r in rs])] + list(
             np.mean([r["concept_match"] for r in rs], axis=0))
-        ax.plot(x, y, marker="o", label=method)
-    ax.axhline(record["config"]["threshold"], color="gray", ls=":", lw=1)
-    ax.set_xlabel("UNet forward evaluations")
-    ax.set_ylabel("oracle concept match")
-    ax.set_title(record["scale"], fontsize=8)
-    ax.legend(fontsize=8)
+        style = "--" if "@" in label else "-"
+        axes[0].plot(x, match, style, marker="o", label=label)
+        axes[1].plot(x[1:], np.mean([r["feature_cosine"] for r in rs], axis=0), style, marker="o",
+                     label=label)
+    axes[0].axhline(record["config"]["threshold"], color="gray", ls=":", lw=1)
+    axes[0].set_ylabel("oracle concept match (CLIP-I analogue)")
+    axes[1].set_ylabel("oracle feature cosine to the photos (DINO analogue)")
+    for ax in axes:
+        ax.set_xlabel("UNet forward evaluations")
+        ax.legend(fontsize=7)
+    fig.suptitle(record["scale"], fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -258,11 +416,18 @@ def plot(record: dict[str, Any], png: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     d = QualityConfig()
-    p = argparse.ArgumentParser(prog="python benchmarks/quality.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/quality.py", description=__doc__.split("\n")[0],
+        epilog="Each (concept, seed, precision) cell is saved under <out>.cells/ as it finishes; "
+               "rerunning the same command reuses finished cells.")
     p.add_argument("--concepts", nargs="+", default=list(d.concepts), choices=list_concepts())
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS))
-    p.add_argument("--budget", type=int, default=d.budget)
+    p.add_argument("--precisions", nargs="+", default=list(d.precisions), choices=list(PRECISIONS),
+                   help="fp32 runs every method; int8/int4 (quanto) only --quant-methods")
+    p.add_argument("--quant-methods", nargs="+", default=list(d.quant_methods),
+                   choices=list(METHODS))
+    p.add_argument("--budget", type=int, default=d.budget, help="UNet forwards per run")
     p.add_argument("--eval-points", type=int, default=d.eval_points)
     p.add_argument("--n-images", type=int, default=d.n_images)
     p.add_argument("--gen-steps", type=int, default=d.gen_steps)
@@ -271,17 +436,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backprop-lr", type=float, default=d.backprop_lr)
     p.add_argument("--model", default=None, help="diffusers folder (default: embedded tinyworld)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = p.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     cfg = QualityConfig(concepts=tuple(args.concepts), seeds=tuple(args.seeds),
-                        methods=tuple(args.methods), budget=args.budget,
+                        methods=tuple(args.methods), precisions=tuple(args.precisions),
+                        quant_methods=tuple(args.quant_methods), budget=args.budget,
                         eval_points=args.eval_points, n_images=args.n_images,
                         gen_steps=args.gen_steps, threshold=args.threshold, zo_lr=args.zo_lr,
                         backprop_lr=args.backprop_lr, model_dir=args.model)
     t0 = time.time()
-    record = run(cfg)
+    record = run(cfg, cells_dir=args.out.with_suffix(".cells"), jobs=args.jobs,
+                 threads=args.threads)
     record["total_wall_s"] = round(time.time() - t0, 1)
+    record["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None
+                                                                     else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     args.out.with_suffix(".md").write_text(markdown(record))

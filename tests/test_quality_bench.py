@@ -32,24 +32,44 @@ def test_config_validation() -> None:
         q.QualityConfig(budget=5, eval_points=4)
     with pytest.raises(ValueError, match="threshold"):
         q.QualityConfig(threshold=0.0)
+    with pytest.raises(ValueError, match="unknown precisions"):
+        q.QualityConfig(precisions=("int3",))
+    cfg = q.QualityConfig(concepts=("lagoon",), seeds=(0, 1), precisions=("fp32", "int8"),
+                          methods=("zoodip", "plain_zo"), quant_methods=("zoodip",))
+    assert cfg.cells() == [("lagoon", 0, "fp32"), ("lagoon", 0, "int8"),
+                           ("lagoon", 1, "fp32"), ("lagoon", 1, "int8")]
+    assert cfg.methods_at("int8") == ["zoodip"] and cfg.methods_at("fp32") == ["zoodip", "plain_zo"]
 
 
 @pytest.mark.slow
 def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Path) -> None:
     q = _load()
     out = tmp_path / "quality.json"
-    q.main(["--concepts", "ember", "--methods", "zoodip", "backprop_ti", "--budget", "12",
-            "--eval-points", "2", "--n-images", "2", "--gen-steps", "2",
-            "--model", str(tiny_world_model), "--out", str(out)])
+    argv = ["--concepts", "ember", "--methods", "zoodip", "backprop_ti", "--budget", "12",
+            "--eval-points", "2", "--n-images", "2", "--gen-steps", "2", "--precisions", "fp32",
+            "int8", "--quant-methods", "zoodip", "--model", str(tiny_world_model),
+            "--out", str(out)]
+    q.main(argv)
     record = json.loads(out.read_text())
-    runs = {r["method"]: r for r in record["runs"]}
+    runs = {(r["method"], r["precision"]): r for r in record["runs"]}
+    assert set(runs) == {("zoodip", "fp32"), ("backprop_ti", "fp32"), ("zoodip", "int8")}
     # Equal forward budgets: ZO spends n + 1 = 3 per step, backprop 1.
-    assert runs["zoodip"]["forwards"] == [6, 12]
-    assert runs["backprop_ti"]["forwards"] == [6, 12]
-    assert set(record["summary"]) == {"zoodip", "backprop_ti"}
+    assert runs[("zoodip", "fp32")]["forwards"] == [6, 12]
+    assert runs[("backprop_ti", "fp32")]["forwards"] == [6, 12]
+    assert runs[("zoodip", "int8")]["forwards"] == [6, 12]
+    assert list(record["summary"]) == ["zoodip", "backprop_ti", "zoodip@int8"]
     assert "1 concepts x 1 seeds x 2 methods" in record["scale"]
-    assert out.with_suffix(".md").read_text().count("\n| ") == 3
+    assert 0.0 <= record["vae_ceiling"]["ember"] <= 1.0
+    table = out.with_suffix(".md").read_text()
+    assert "| zoodip@int8 |" in table and "| ember |" in table
     assert out.with_suffix(".png").stat().st_size > 0
+    # Finished cells are saved one by one and reused: a rerun computes nothing and agrees.
+    cells = sorted(p.name for p in out.with_suffix(".cells").iterdir())
+    assert cells == ["ember-seed0-fp32.json", "ember-seed0-int8.json"]
+    stamp = [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()]
+    q.main(argv)
+    assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] == stamp
+    assert json.loads(out.read_text())["runs"] == record["runs"]
 
 
 @pytest.fixture(scope="module")
