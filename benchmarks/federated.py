@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -53,8 +54,9 @@ from zo_core.subspace_stats import RoundBroadcast, WireSchema
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_WINDOW = (500, 900)
 # solo: no basis, paper window | fleet: fleet basis + fleet window | fleet-basis: fleet basis +
-# paper window (separates the two) | fleet-dp: basis and window of the DP fleet
-ARMS: tuple[str, ...] = ("solo", "fleet", "fleet-basis", "fleet-dp")
+# paper window (separates the two) | fleet-basis-low: the same at `low_basis_weight` | fleet-dp:
+# basis and window of the DP fleet
+ARMS: tuple[str, ...] = ("solo", "fleet", "fleet-basis", "fleet-basis-low", "fleet-dp")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class BenchConfig:
     dp_sigma: float
     lr: float
     arms: tuple[str, ...] = ARMS
+    low_basis_weight: float = 0.2
 
     def __post_init__(self) -> None:
         if self.metric not in ("oracle", "cosine", "loss"):
@@ -86,7 +89,7 @@ class BenchConfig:
             raise ValueError("steps must be a multiple of eval-every")
         if min(self.veterans, self.newcomers, self.fleet_rounds, self.fleet_steps, self.steps) < 1:
             raise ValueError("veterans, newcomers, fleet-rounds, fleet-steps and steps must be >= 1")
-        if not 0 <= self.basis_weight <= 1 or not self.dp_sigma > 0:
+        if not 0 <= self.basis_weight <= 1 or not 0 <= self.low_basis_weight <= 1 or not self.dp_sigma > 0:
             raise ValueError("basis-weight must lie in [0, 1] and dp-sigma be > 0")
         if not self.arms or set(self.arms) - set(ARMS):
             raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {self.arms}")
@@ -163,8 +166,8 @@ def passes_to(curve: list[tuple[int, float]], threshold: float, metric: str) -> 
     return next((p for p, v in curve if better(v)), None)
 
 
-def run(cfg: BenchConfig) -> dict[str, Any]:
-    torch.set_num_threads(1)
+def run_seed(cfg: BenchConfig, seed: int) -> dict[str, Any]:
+    """Fleet phase(s) and every newcomer arm for one seed."""
     cache = ModelCache()
     model = cache.model(cfg.model_dir, "none")
     oracle = None
@@ -175,37 +178,86 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     concepts = _concepts()
     if cfg.veterans + cfg.newcomers > len(concepts):
         raise ValueError(f"veterans + newcomers must be <= {len(concepts)} world concepts")
-    per_seed = []
     t0 = time.time()
+    shift = (seed * cfg.newcomers) % len(concepts)
+    order = concepts[shift:] + concepts[:shift]
+    newcomers, veterans = order[: cfg.newcomers], order[cfg.newcomers : cfg.newcomers + cfg.veterans]
+    with tempfile.TemporaryDirectory() as tmp:
+        needed = {False} if set(cfg.arms) & {"fleet", "fleet-basis", "fleet-basis-low"} else set()
+        needed |= {True} if "fleet-dp" in cfg.arms else set()
+        fleets = {dp: fleet_phase(model, cache, veterans, cfg, seed, Path(tmp) / f"fleet-{dp}", dp=dp)
+                  for dp in sorted(needed)}  # fmt: skip
+        plain, noisy = fleets.get(False), fleets.get(True)
+        all_arms = {
+            "solo": lambda: {"basis": None, "window": PAPER_WINDOW, "weight": 0.0},
+            "fleet": lambda: {"basis": plain["basis"], "window": plain["window"], "weight": cfg.basis_weight},
+            "fleet-basis": lambda: {"basis": plain["basis"], "window": PAPER_WINDOW, "weight": cfg.basis_weight},
+            "fleet-basis-low": lambda: {"basis": plain["basis"], "window": PAPER_WINDOW,
+                                        "weight": cfg.low_basis_weight},
+            "fleet-dp": lambda: {"basis": noisy["basis"], "window": noisy["window"], "weight": cfg.basis_weight},
+        }  # fmt: skip
+        arms = {name: all_arms[name]() for name in cfg.arms}
+        runs: dict[str, dict[str, Any]] = {a: {} for a in arms}
+        for c in newcomers:
+            dev = _device(Path(tmp) / "newcomers", c, seed, cfg)
+            for name, arm in arms.items():
+                runs[name][c.name] = newcomer_run(model, cache, dev, c, cfg, arm, oracle)
+                print(f"seed {seed} {c.name:>10} {name:>15}: curve {runs[name][c.name]['curve']}", flush=True)
+    return {"seed": seed, "veterans": [c.name for c in veterans], "newcomers": [c.name for c in newcomers],
+            "fleet_window": list(plain["window"]) if plain else None,
+            "fleet_dp_window": list(noisy["window"]) if noisy else None,
+            "fleet_dp_epsilon": noisy["epsilon"] if noisy else None, "runs": runs,
+            "model_fingerprint": model.fingerprint, "token_dim": model.token_dim,
+            "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+
+
+def _seed_worker(args: tuple[dict[str, Any], int, str]) -> str:
+    """Process entry: run one seed and write it atomically (a crash loses only that seed)."""
+    cfg_dict, seed, seeds_dir = args
+    torch.set_num_threads(1)
+    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    path = Path(seeds_dir) / f"seed-{seed}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": _seedless(cfg_dict), "result": run_seed(cfg, seed)}, indent=1))
+    tmp.replace(path)
+    return path.name
+
+
+def _seedless(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config a per-seed file must match to be reused (JSON-normalised, without the seed list)."""
+    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k != "seeds"}
+
+
+def run(cfg: BenchConfig, *, seeds_dir: Path, jobs: int = 1) -> dict[str, Any]:
+    """Run every seed not already saved in `seeds_dir` (`jobs` processes), then summarize all."""
+    import multiprocessing as mp
+
+    torch.set_num_threads(1)
+    seeds_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = asdict(cfg)
+    todo = []
     for seed in cfg.seeds:
-        shift = (seed * cfg.newcomers) % len(concepts)
-        order = concepts[shift:] + concepts[:shift]
-        newcomers, veterans = order[: cfg.newcomers], order[cfg.newcomers : cfg.newcomers + cfg.veterans]
-        with tempfile.TemporaryDirectory() as tmp:
-            needed = {False} if set(cfg.arms) & {"fleet", "fleet-basis"} else set()
-            needed |= {True} if "fleet-dp" in cfg.arms else set()
-            fleets = {dp: fleet_phase(model, cache, veterans, cfg, seed, Path(tmp) / f"fleet-{dp}", dp=dp)
-                      for dp in sorted(needed)}  # fmt: skip
-            plain, noisy = fleets.get(False), fleets.get(True)
-            all_arms = {
-                "solo": lambda: {"basis": None, "window": PAPER_WINDOW, "weight": 0.0},
-                "fleet": lambda: {"basis": plain["basis"], "window": plain["window"], "weight": cfg.basis_weight},
-                "fleet-basis": lambda: {"basis": plain["basis"], "window": PAPER_WINDOW, "weight": cfg.basis_weight},
-                "fleet-dp": lambda: {"basis": noisy["basis"], "window": noisy["window"], "weight": cfg.basis_weight},
-            }  # fmt: skip
-            arms = {name: all_arms[name]() for name in cfg.arms}
-            runs: dict[str, dict[str, Any]] = {a: {} for a in arms}
-            for c in newcomers:
-                dev = _device(Path(tmp) / "newcomers", c, seed, cfg)
-                for name, arm in arms.items():
-                    runs[name][c.name] = newcomer_run(model, cache, dev, c, cfg, arm, oracle)
-                    print(f"seed {seed} {c.name:>10} {name:>8}: curve {runs[name][c.name]['curve']}", flush=True)
-        per_seed.append({"seed": seed, "veterans": [c.name for c in veterans], "newcomers": [c.name for c in newcomers],
-                         "fleet_window": list(plain["window"]) if plain else None,
-                         "fleet_dp_window": list(noisy["window"]) if noisy else None,
-                         "fleet_dp_epsilon": noisy["epsilon"] if noisy else None, "runs": runs})  # fmt: skip
-    return {"config": asdict(cfg), "model_fingerprint": model.fingerprint, "token_dim": model.token_dim,
-            "machine": platform.processor() or platform.machine(), "wall_s": round(time.time() - t0, 1),
+        path = seeds_dir / f"seed-{seed}.json"
+        if path.exists() and json.loads(path.read_text())["config"] == _seedless(cfg_dict):
+            print(f"seed {seed}: done before ({path.name}), reusing", flush=True)
+            continue
+        todo.append((cfg_dict, seed, str(seeds_dir)))
+    t0 = time.time()
+    if jobs == 1:
+        for item in todo:
+            _seed_worker(item)
+    else:
+        with mp.get_context("spawn").Pool(min(jobs, max(1, len(todo)))) as pool:
+            for name in pool.imap_unordered(_seed_worker, todo):
+                print(f"{name} written", flush=True)
+    per_seed = [json.loads((seeds_dir / f"seed-{s}.json").read_text())["result"] for s in cfg.seeds]
+    prints = {p["model_fingerprint"] for p in per_seed}
+    if len(prints) != 1:
+        raise ValueError(f"saved seeds come from different models {sorted(prints)}; delete {seeds_dir}")
+    return {"config": cfg_dict, "model_fingerprint": prints.pop(), "token_dim": per_seed[0]["token_dim"],
+            "machine": {"processor": platform.processor() or platform.machine(), "jobs": jobs,
+                        "threads_per_job": 1, "torch": torch.__version__},
+            "wall_s": round(time.time() - t0, 1), "wall_s_per_seed": [p["wall_s"] for p in per_seed],
             "per_seed": per_seed, "summary": summarize(per_seed, cfg)}  # fmt: skip
 
 
@@ -240,7 +292,8 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"Metric: `{cfg['metric']}` ({better} is better); "
         f"{cfg['newcomers']} newcomers x seeds {cfg['seeds']}; {cfg['steps']} steps each; fleet of "
         f"{cfg['veterans']} veterans x {cfg['fleet_rounds']} rounds x {cfg['fleet_steps']} steps; basis rank "
-        f"{cfg['basis_rank']}, weight {cfg['basis_weight']}, statistic segments {cfg['segments']} "
+        f"{cfg['basis_rank']}, weight {cfg['basis_weight']} (low arm {cfg.get('low_basis_weight')}), "
+        f"statistic segments {cfg['segments']} "
         f"(0 = per-step directions); DP noise multiplier {cfg['dp_sigma']}. "
         f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
         "| arm | final (mean +- std) | best along the curve (mean) | "
@@ -286,15 +339,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--basis-weight", type=float, default=0.5)
     p.add_argument("--dp-sigma", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--low-basis-weight", type=float, default=0.2, help="basis weight of the fleet-basis-low arm")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    p.add_argument("--out", type=Path, default=RESULTS / "federated")
+    p.add_argument("--out", type=Path, default=RESULTS / "federated",
+                   help="results stem: <out>.json, <out>.md and <out>.seeds/ (one file per finished seed, reused)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error("--jobs must be >= 1")
     cfg = BenchConfig(model_dir=a.model_dir, seeds=tuple(a.seeds), veterans=a.veterans, newcomers=a.newcomers,
                       fleet_rounds=a.fleet_rounds, fleet_steps=a.fleet_steps, probe_steps=a.probe_steps, segments=a.segments,
                       steps=a.steps, eval_every=a.eval_every, metric=a.metric, thresholds=tuple(a.thresholds),
                       images=a.images, eval_draws=a.eval_draws, basis_rank=a.basis_rank,
-                      basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr, arms=tuple(a.arms))  # fmt: skip
-    result = run(cfg)
+                      basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr, arms=tuple(a.arms),
+                      low_basis_weight=a.low_basis_weight)  # fmt: skip
+    result = run(cfg, seeds_dir=a.out.with_suffix(".seeds"), jobs=a.jobs)
+    result["command"] = "python benchmarks/federated.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write(result, a.out)
     print(json.dumps(result["summary"], indent=2))
 
