@@ -174,3 +174,11 @@ def test_a_named_triple_is_not_a_personal_concept() -> None:
 
     assert not is_nameless(Concept("plainred", "square", "red", "plain", "square"))
     assert is_nameless(Concept("tealsq", "square", "teal", "plain", "square"))
+
+
+def test_figures_show_every_concept(tmp_path: Path) -> None:
+    from simulations.world.figures import concept_photos, world_samples
+
+    grid = Image.open(concept_photos(tmp_path))
+    assert grid.size[1] == len(list_concepts()) * 64 * 2  # one 2x-upscaled row per concept
+    assert Image.open(world_samples(tmp_path, n=16)).size == (8 * 128, 2 * 128)
