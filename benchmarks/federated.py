@@ -81,6 +81,7 @@ class BenchConfig:
     lr: float
     arms: tuple[str, ...] = ARMS
     low_basis_weight: float = 0.2
+    stat_source: str = "updates"
 
     def __post_init__(self) -> None:
         if self.metric not in ("oracle", "cosine", "loss"):
@@ -121,7 +122,7 @@ def fleet_phase(model: Personalizer, cache: ModelCache, veterans: list[Any], cfg
     epsilon = None
     for rnd in range(1, cfg.fleet_rounds + 1):
         b = RoundBroadcast(round=rnd, local_steps=cfg.fleet_steps, probe_steps=cfg.probe_steps,
-                           stat_segments=cfg.segments, n=2, mu=1e-3,
+                           stat_segments=cfg.segments, stat_source=cfg.stat_source, n=2, mu=1e-3,
                            puts_low=fleet.window[0], puts_high=fleet.window[1], basis_version=fleet.basis_version,
                            basis_weight=cfg.basis_weight if fleet.basis is not None else 0.0,
                            model_fingerprint=model.fingerprint, dim=schema.dim, num_buckets=schema.num_buckets,
@@ -293,7 +294,7 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"{cfg['newcomers']} newcomers x seeds {cfg['seeds']}; {cfg['steps']} steps each; fleet of "
         f"{cfg['veterans']} veterans x {cfg['fleet_rounds']} rounds x {cfg['fleet_steps']} steps; basis rank "
         f"{cfg['basis_rank']}, weight {cfg['basis_weight']} (low arm {cfg.get('low_basis_weight')}), "
-        f"statistic segments {cfg['segments']} "
+        f"statistic from {cfg.get('stat_source', 'updates')}, segments {cfg['segments']} "
         f"(0 = per-step directions); DP noise multiplier {cfg['dp_sigma']}. "
         f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
         "| arm | final (mean +- std) | best along the curve (mean) | "
@@ -339,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--basis-weight", type=float, default=0.5)
     p.add_argument("--dp-sigma", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--stat-source", choices=("updates", "gradients"), default="updates",
+                   help="client statistic built from token updates or raw ZO gradient estimates")
     p.add_argument("--low-basis-weight", type=float, default=0.2, help="basis weight of the fleet-basis-low arm")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--out", type=Path, default=RESULTS / "federated",
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                       steps=a.steps, eval_every=a.eval_every, metric=a.metric, thresholds=tuple(a.thresholds),
                       images=a.images, eval_draws=a.eval_draws, basis_rank=a.basis_rank,
                       basis_weight=a.basis_weight, dp_sigma=a.dp_sigma, lr=a.lr, arms=tuple(a.arms),
-                      low_basis_weight=a.low_basis_weight)  # fmt: skip
+                      low_basis_weight=a.low_basis_weight, stat_source=a.stat_source)  # fmt: skip
     result = run(cfg, seeds_dir=a.out.with_suffix(".seeds"), jobs=a.jobs)
     result["command"] = "python benchmarks/federated.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write(result, a.out)

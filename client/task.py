@@ -227,7 +227,8 @@ def run_fit_round(
         timesteps += probe.timesteps
         signal += probe.signal
         forwards += probe.forward_passes
-    stats = client_statistic(res.updates.numpy(), timesteps, signal, broadcast.schema,
+    vectors = res.updates if broadcast.stat_source == "updates" else res.grads
+    stats = client_statistic(vectors.numpy(), timesteps, signal, broadcast.schema,
                              segments=broadcast.stat_segments)
     k = max(1, len(res.losses) // 10)
     metrics = {

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from zo_core.subspace_stats import STAT_SOURCES
+
 Scalar = bool | int | float | str
 C = TypeVar("C")
 
@@ -108,6 +110,7 @@ class BasisConfig:
     weight: float = 0.5  # fraction of perturbation energy clients draw inside the basis
     decay: float = 0.5  # M_t = decay * M_{t-1} + mean statistic of round t
     segments: int = 0  # client statistic: 0 = per-step directions, k = k displacement segments
+    source: str = "updates"  # client statistic built from "updates" or "gradients" (raw ZO estimates)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -118,6 +121,8 @@ class BasisConfig:
             raise ValueError(f"basis.decay must lie in [0, 1), got {self.decay}")
         if self.segments < 0:
             raise ValueError(f"basis.segments must be >= 0, got {self.segments}")
+        if self.source not in STAT_SOURCES:
+            raise ValueError(f"basis.source must be one of {list(STAT_SOURCES)}, got {self.source!r}")
 
 
 @dataclass(frozen=True)

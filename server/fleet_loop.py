@@ -207,6 +207,7 @@ def run_fleet(
             local_steps=cfg.fleet.local_steps,
             probe_steps=cfg.fleet.probe_steps,
             stat_segments=cfg.basis.segments,
+            stat_source=cfg.basis.source,
             n=cfg.zo.n,
             mu=cfg.zo.mu,
             puts_low=fleet.window[0],

@@ -119,7 +119,7 @@ def test_spsa_and_multi_vector_tokens(tiny_engine: Personalizer) -> None:
     data = tiny_engine.prepare_data_from_images(random_photos(2, seed=1), ti, captions=["a photo of {} on a sofa", None])
     res = tiny_engine.train(data, tiny_engine.init_state(ti), ZOConfig(estimator="spsa", n=2), 3)
     assert res.state.theta.shape == (3, 32) and res.forward_passes == 12
-    assert res.updates.shape == (3, 96)
+    assert res.updates.shape == (3, 96) and res.grads.shape == (3, 96)
 
 
 def test_state_round_trips_through_tensors(tiny_engine: Personalizer, data) -> None:  # type: ignore[no-untyped-def]

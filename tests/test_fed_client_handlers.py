@@ -98,6 +98,22 @@ def test_train_two_rounds_persists_and_resumes(device: Context, tiny_model_dir: 
     assert MODELS.loads == loads  # the model was loaded once per process, not per round
 
 
+def test_gradient_statistic_is_valid_and_differs_from_the_update_statistic(
+        device: Context, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = MODELS.model(str(tiny_model_dir), "none")
+    schema = WireSchema(model.token_dim, 10, model.num_train_timesteps)
+    moments = {}
+    for source in ("updates", "gradients"):
+        ctx = Context(run_id=1, node_id=7, run_config={}, state=RecordDict(),  # type: ignore[arg-type]
+                      node_config={**device.node_config, "state-dir": str(tmp_path / source)})
+        reply = build_client_app()(
+            make_message(fit_content(broadcast_for(model, stat_source=source)), MessageType.TRAIN), ctx)
+        assert not reply.has_error(), reply.error
+        moments[source] = parse_fit_reply(reply.content, schema)[0]["second-moment"]
+    # Same seed, same steps: only the vectors behind the second moment differ.
+    assert not np.allclose(moments["updates"], moments["gradients"])
+
+
 def test_client_refuses_another_models_round(device: Context, tiny_model_dir: Path, tmp_path: Path) -> None:
     model = MODELS.model(str(tiny_model_dir), "none")
     bad = broadcast_for(model, model_fingerprint="0" * 64)

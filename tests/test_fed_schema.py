@@ -144,6 +144,12 @@ def test_broadcast_roundtrip_and_strict_keys() -> None:
         RoundBroadcast.from_config(cfg, basis * 2)
     with pytest.raises(ValueError, match="PUTS"):
         RoundBroadcast.from_config({**cfg, "puts.high": 1200}, basis)
+    grads = RoundBroadcast.from_config({**cfg, "stat.source": "gradients"}, basis)
+    assert grads.stat_source == "gradients" and grads.to_config()["stat.source"] == "gradients"
+    with pytest.raises(ValueError, match="stat_source"):
+        RoundBroadcast.from_config({**cfg, "stat.source": "photos"}, basis)
+    with pytest.raises(ValueError, match="must be a string"):
+        RoundBroadcast.from_config({**cfg, "stat.source": 1}, basis)
 
 
 def test_segment_displacements_find_a_drift_hidden_in_step_noise() -> None:

@@ -137,5 +137,8 @@ def test_server_config_rejects_unknown_keys_and_bad_values() -> None:
         ServerConfig.from_run_config({"dp.noise-multiplier": 0.0})
     with pytest.raises(ValueError, match="min-replies"):
         ServerConfig.from_run_config({"min-replies": 3, "clients-per-round": 2})
+    assert ServerConfig.from_run_config({"basis.source": "gradients"}).basis.source == "gradients"
+    with pytest.raises(ValueError, match="basis.source"):
+        ServerConfig.from_run_config({"basis.source": "tokens"})
     with pytest.raises(ValueError, match="bucket edges"):
         FleetState(SCHEMA, basis=BasisConfig(rank=3), puts=PutsConfig(low=510), dp=DPConfig(), noise_rng=None)

@@ -61,6 +61,7 @@ class RoundResult:
     timesteps: list[int] = field(default_factory=list)
     signal: list[float] = field(default_factory=list)
     updates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    grads: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (steps, D) raw estimates
     forward_passes: int = 0
     wall_s: float = 0.0
 
@@ -233,6 +234,7 @@ class Personalizer:
         buffer, dirs = state.sg_buffer.clone(), state.sg_dirs.clone()
         result = RoundResult(state=state)
         updates: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
         start = time.perf_counter()
         step = state.step
         for _ in range(steps):
@@ -240,12 +242,14 @@ class Personalizer:
             sample = self._draw_sample(data, gen, window)
             if optimizer == "zo":
                 g, loss, signal = self._zo_grad(objective, sample, theta, zo, gen, basis, basis_weight)
+                grads.append(g.flatten())
                 if zo.use_sg:
                     g = project_out(g, dirs)
                 result.forward_passes += zo.forwards_per_step
                 result.signal.append(signal)
             else:
                 g, loss = self._backprop_grad(objective, sample, theta)
+                grads.append(g.flatten())
                 result.forward_passes += 1
             if not np.isfinite(loss) or not torch.isfinite(g).all():
                 raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss {loss})")
@@ -263,6 +267,7 @@ class Personalizer:
                 on_step(step, loss)
         result.wall_s = time.perf_counter() - start
         result.updates = torch.stack(updates) if updates else torch.zeros(0, theta.numel())
+        result.grads = torch.stack(grads) if grads else torch.zeros(0, theta.numel())
         result.state = state.replace(theta=theta, exp_avg=m, exp_avg_sq=v, step=step, sg_buffer=buffer, sg_dirs=dirs)
         return result
 

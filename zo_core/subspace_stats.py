@@ -82,11 +82,17 @@ NUM_EXAMPLES = 1
 # The broadcast's config keys (RoundBroadcast.to_config); anything else is refused by the client.
 BROADCAST_KEYS: frozenset[str] = frozenset(
     {
-        "schema-version", "round", "local-steps", "probe-steps", "stat.segments", "zo.n", "zo.mu", "puts.low",
+        "schema-version", "round", "local-steps", "probe-steps", "stat.segments", "stat.source", "zo.n", "zo.mu",
+        "puts.low",
         "puts.high", "basis.version", "basis.weight", "model-fingerprint", "dim", "num-buckets",
         "num-train-timesteps",
     }
 )  # fmt: skip
+
+
+# What the second moment is built from: the token's per-step updates (theta_{s+1} - theta_s) or
+# the raw zeroth-order gradient estimates of the steps (before the Subspace Gradient projection).
+STAT_SOURCES: tuple[str, ...] = ("updates", "gradients")
 
 
 class StatisticRejected(ValueError):
@@ -178,6 +184,7 @@ class RoundBroadcast:
     num_train_timesteps: int
     probe_steps: int = 0
     stat_segments: int = 0  # 0: one unit direction per step; k: per contiguous k-th of the round
+    stat_source: str = "updates"  # one of STAT_SOURCES
     basis: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +196,8 @@ class RoundBroadcast:
             raise ValueError(f"probe_steps must be >= 0, got {self.probe_steps}")
         if self.stat_segments < 0:
             raise ValueError(f"stat_segments must be >= 0, got {self.stat_segments}")
+        if self.stat_source not in STAT_SOURCES:
+            raise ValueError(f"stat_source must be one of {list(STAT_SOURCES)}, got {self.stat_source!r}")
         if self.n < 1 or not self.mu > 0:
             raise ValueError(f"n must be >= 1 and mu > 0, got n={self.n}, mu={self.mu}")
         if not 0 <= self.puts_low < self.puts_high <= self.num_train_timesteps:
@@ -219,6 +228,7 @@ class RoundBroadcast:
             "local-steps": self.local_steps,
             "probe-steps": self.probe_steps,
             "stat.segments": self.stat_segments,
+            "stat.source": self.stat_source,
             "zo.n": self.n,
             "zo.mu": float(self.mu),
             "puts.low": self.puts_low,
@@ -259,14 +269,17 @@ class RoundBroadcast:
                 raise ValueError(f"broadcast {key!r} must be a number, got {v!r}")
             return float(v)
 
-        fp = config["model-fingerprint"]
+        fp, source = config["model-fingerprint"], config["stat.source"]
         if not isinstance(fp, str):
             raise ValueError(f"broadcast 'model-fingerprint' must be a string, got {fp!r}")
+        if not isinstance(source, str):
+            raise ValueError(f"broadcast 'stat.source' must be a string, got {source!r}")
         return cls(
             round=_int("round"),
             local_steps=_int("local-steps"),
             probe_steps=_int("probe-steps"),
             stat_segments=_int("stat.segments"),
+            stat_source=source,
             n=_int("zo.n"),
             mu=_float("zo.mu"),
             puts_low=_int("puts.low"),
@@ -309,7 +322,9 @@ def client_statistic(
     Parameters
     ----------
     updates
-        (S, D) token updates ``theta_{s+1} - theta_s`` of the round's training steps.
+        (S, D) per-step vectors of the round's training steps: the token updates
+        ``theta_{s+1} - theta_s`` (source "updates"), or the raw ZO gradient estimates (source
+        "gradients"; see `docs/federation.md` for why they may transfer across concepts better).
     timesteps, signal
         Per evaluated step (training and probe steps alike): the timestep t and the RGE signal
         mean_i |L(theta + mu e_i) - L(theta)| / mu. Same length.
