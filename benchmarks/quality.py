@@ -243,6 +243,13 @@ def _cell_path(cells_dir: Path, cell: tuple[str, int, str]) -> Path:
     return cells_dir / f"{concept}-seed{seed}-{precision}.json"
 
 
+def _cell_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """What a saved cell must match to be reused: every setting except the grid's own axes, so
+    that runs over different concept / seed / precision lists share their common cells."""
+    axes = ("concepts", "seeds", "precisions")
+    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in axes}
+
+
 def _cell_worker(args: tuple[dict[str, Any], tuple[str, int, str], str, int]) -> str:
     """Process entry: run one cell, write its runs atomically (a crash loses only this cell)."""
     cfg_dict, cell, cells_dir, threads = args
@@ -251,7 +258,8 @@ def _cell_worker(args: tuple[dict[str, Any], tuple[str, int, str], str, int]) ->
     runs = run_cell(cfg, *cell)
     path = _cell_path(Path(cells_dir), cell)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": cfg_dict, "runs": [asdict(r) for r in runs]}, indent=1))
+    tmp.write_text(json.dumps({"config": _cell_settings(cfg_dict), "runs": [asdict(r) for r in runs]},
+                              indent=1))
     tmp.replace(path)
     return path.name
 
@@ -265,7 +273,7 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1)
     todo = []
     for cell in cfg.cells():
         path = _cell_path(cells_dir, cell)
-        if path.exists() and json.loads(path.read_text())["config"] == json.loads(json.dumps(cfg_dict)):
+        if path.exists() and json.loads(path.read_text())["config"] == _cell_settings(cfg_dict):
             print(f"cell {path.name}: done before, reusing", flush=True)
             continue
         todo.append((cfg_dict, cell, str(cells_dir), threads))

@@ -70,6 +70,11 @@ def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Pa
     q.main(argv)
     assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] == stamp
     assert json.loads(out.read_text())["runs"] == record["runs"]
+    # A run over a sub-grid reuses the common cell; a changed setting recomputes it.
+    q.main([*argv, "--precisions", "fp32"])  # the last --precisions wins
+    assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] == stamp
+    q.main([*argv, "--gen-steps", "3"])
+    assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] != stamp
 
 
 @pytest.fixture(scope="module")
