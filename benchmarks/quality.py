@@ -74,7 +74,7 @@ class QualityConfig:
     tau: int = 128
     n_images: int = 16  # images per fidelity evaluation
     gen_steps: int = 20
-    guidance: float = 4.0
+    guidance: float = 7.5  # the generate command's default (the SD default)
     threshold: float = 0.5
     model_dir: str | None = None  # None: the embedded default
 
@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-points", type=int, default=d.eval_points)
     p.add_argument("--n-images", type=int, default=d.n_images)
     p.add_argument("--gen-steps", type=int, default=d.gen_steps)
+    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--zo-lr", type=float, default=d.zo_lr)
     p.add_argument("--backprop-lr", type=float, default=d.backprop_lr)
@@ -454,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
                         methods=tuple(args.methods), precisions=tuple(args.precisions),
                         quant_methods=tuple(args.quant_methods), budget=args.budget,
                         eval_points=args.eval_points, n_images=args.n_images,
-                        gen_steps=args.gen_steps, threshold=args.threshold, zo_lr=args.zo_lr,
+                        gen_steps=args.gen_steps, guidance=args.guidance,
+                        threshold=args.threshold, zo_lr=args.zo_lr,
                         backprop_lr=args.backprop_lr, model_dir=args.model)
     t0 = time.time()
     record = run(cfg, cells_dir=args.out.with_suffix(".cells"), jobs=args.jobs,

@@ -17,9 +17,11 @@ from simulations.world.train_model import TrainConfig, _lr, main
 
 SHIPPED = Path(__file__).resolve().parents[1] / "zo_core" / "assets" / "tinyworld"
 # Fraction of named attributes drawn right. Chance is about 0.29 (mean over the six attributes of
-# 1 / number of values); the shipped model scored 0.48 per attribute on 192 captions
-# (docs/embedded-default.md). The floor sits between them: above chance, below the measurement.
-PROMPT_FOLLOWING_FLOOR = 0.38
+# 1 / number of values); the shipped model scored 0.58 per attribute on 192 captions and 0.60 on
+# this test's 16 (docs/embedded-default.md). The floor sits between chance and the measurement.
+PROMPT_FOLLOWING_FLOOR = 0.45
+# The shape is the attribute the model draws best: 0.90 on 192 captions (chance 0.20).
+SHAPE_FLOOR = 0.7
 
 
 def test_train_config_rejects_bad_values() -> None:
@@ -91,3 +93,4 @@ def test_shipped_model_follows_captions() -> None:
             for a in named_attributes(s)]
     # Measured on 192 captions: see docs/embedded-default.md; 16 images, 15 steps here.
     assert sum(hits) / len(hits) >= PROMPT_FOLLOWING_FLOOR
+    assert np.mean([p["shape"] == s.shape for p, s in zip(preds, scenes, strict=True)]) >= SHAPE_FLOOR

@@ -26,7 +26,7 @@ from simulations.world.oracle import Oracle
 from simulations.world.render import ATTRIBUTES, Scene, sample_scene
 
 DEFAULT_STEPS = 25  # DDIM steps: the 64 px model's samples stop changing visibly beyond ~20
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 7.5  # the generate command and SD default; sweep in docs/embedded-default.md
 
 
 def load_pipeline(model_dir: str | Path) -> Any:
