@@ -219,3 +219,20 @@ def test_cli_uses_the_papers_4bit_mu_and_records_quantization(tiny_model_dir: Pa
     assert rec["job"]["zo"]["mu"] == 1e-2 and rec["job"]["quant"]["backend"] == "quanto-int4"
     parts = {c["name"]: c for c in rec["quantization"]["components"]}
     assert parts["unet"]["bytes_after"] < parts["unet"]["bytes_before"] / 4
+
+
+def test_a_loaded_token_conditions_the_first_prompt_too(tiny_model_dir: Path) -> None:
+    """A state read from a file is not registered in the tokenizer yet; registration must happen
+    before the first prompt is tokenized (it used to split the placeholder into pieces there)."""
+    from zo_core.engine import Personalizer
+    from zo_core.generate import _prompt_features
+    from zo_core.state import PersonalState
+
+    engine = Personalizer.from_pretrained(tiny_model_dir)
+    theta = torch.randn(1, engine.token_dim, generator=torch.Generator().manual_seed(0))
+    state = PersonalState.fresh("<loaded>", "?", theta, seed=0)
+    first = _prompt_features(engine, state, ["a photo of <loaded>"])
+    again = _prompt_features(engine, state, ["a photo of <loaded>"])
+    assert torch.equal(first, again)
+    other = _prompt_features(engine, state.replace(theta=theta + 1), ["a photo of <loaded>"])
+    assert not torch.allclose(first, other)  # the token's row is in the features

@@ -43,13 +43,17 @@ def _sampler(engine: Personalizer, name: str | None):  # type: ignore[no-untyped
 
 def _prompt_features(engine: Personalizer, state: PersonalState | None, texts: Sequence[str]) -> torch.Tensor:
     tok = engine.tokenizer
+    token_ids: list[int] = []
+    if state is not None:
+        # Register BEFORE tokenizing: a state loaded from a file (not from `init_state`) is not in
+        # the tokenizer yet, and its placeholder would be split into sub-word pieces.
+        token_ids = engine.registry.register(
+            [state.placeholder] + [f"{state.placeholder}_{i}" for i in range(1, state.num_vectors)]
+        )
     ids = tok(list(texts), padding="max_length", truncation=True, max_length=tok.model_max_length,
               return_tensors="pt").input_ids  # fmt: skip
     if state is None:
         return engine.text_encoder(ids)[0]
-    token_ids = engine.registry.register(
-        [state.placeholder] + [f"{state.placeholder}_{i}" for i in range(1, state.num_vectors)]
-    )
     cand = state.theta[None].expand(ids.shape[0], -1, -1)
     with engine.splicer.candidates(token_ids, cand):
         return engine.text_encoder(ids)[0]
