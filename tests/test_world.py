@@ -182,3 +182,15 @@ def test_figures_show_every_concept(tmp_path: Path) -> None:
     grid = Image.open(concept_photos(tmp_path))
     assert grid.size[1] == len(list_concepts()) * 64 * 2  # one 2x-upscaled row per concept
     assert Image.open(world_samples(tmp_path, n=16)).size == (8 * 128, 2 * 128)
+
+
+def test_compare_grids_checks_sizes(tmp_path: Path) -> None:
+    from simulations.world.figures import compare_grids
+
+    Image.new("RGB", (128, 64)).save(tmp_path / "a.png")
+    Image.new("RGB", (128, 64)).save(tmp_path / "b.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
+    out = Image.open(compare_grids("lagoon", tmp_path / "a.png", tmp_path / "b.png", tmp_path))
+    assert out.size == (2 * (2 * 128 + 4), 2 * (64 + 4 + 64))
+    with pytest.raises(ValueError, match="differ in size"):
+        compare_grids("lagoon", tmp_path / "a.png", tmp_path / "c.png", tmp_path)
