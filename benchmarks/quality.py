@@ -264,19 +264,28 @@ def _cell_worker(args: tuple[dict[str, Any], tuple[str, int, str], str, int]) ->
     return path.name
 
 
-def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
-    """Run every missing cell (`jobs` processes in parallel), then gather all cells' runs."""
+def _cell_done(cells_dir: Path, cell: tuple[str, int, str], cfg_dict: dict[str, Any]) -> bool:
+    path = _cell_path(cells_dir, cell)
+    return path.exists() and json.loads(path.read_text())["config"] == _cell_settings(cfg_dict)
+
+
+def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
+        report_only: bool = False) -> dict[str, Any]:
+    """Run every missing cell (`jobs` processes in parallel), then gather all cells' runs.
+
+    With `report_only`, run nothing: summarize the grid's cells that are saved (an uneven grid,
+    e.g. more seeds for some concepts, is several runs followed by one report).
+    """
     import multiprocessing as mp
 
     cells_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(cfg)
     todo = []
     for cell in cfg.cells():
-        path = _cell_path(cells_dir, cell)
-        if path.exists() and json.loads(path.read_text())["config"] == _cell_settings(cfg_dict):
-            print(f"cell {path.name}: done before, reusing", flush=True)
-            continue
-        todo.append((cfg_dict, cell, str(cells_dir), threads))
+        if _cell_done(cells_dir, cell, cfg_dict):
+            print(f"cell {_cell_path(cells_dir, cell).name}: done before, reusing", flush=True)
+        elif not report_only:
+            todo.append((cfg_dict, cell, str(cells_dir), threads))
     print(f"{len(todo)} of {len(cfg.cells())} cells to run, {jobs} at a time", flush=True)
     if jobs == 1:
         for item in todo:
@@ -285,14 +294,21 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1)
         with mp.get_context("spawn").Pool(jobs) as pool:
             for i, name in enumerate(pool.imap_unordered(_cell_worker, todo), 1):
                 print(f"[{i}/{len(todo)}] cell {name} written", flush=True)
-    runs = [RunResult(**r) for cell in cfg.cells()
+    cells = [c for c in cfg.cells() if _cell_done(cells_dir, c, cfg_dict)]
+    if not cells:
+        raise FileNotFoundError(f"no saved cell in {cells_dir} matches these settings")
+    runs = [RunResult(**r) for cell in cells
             for r in json.loads(_cell_path(cells_dir, cell).read_text())["runs"]]
-    ceilings = {c: vae_ceiling(cfg, c) for c in cfg.concepts}
+    concepts = sorted({c for c, _, _ in cells}, key=cfg.concepts.index)
+    ceilings = {c: vae_ceiling(cfg, c) for c in concepts}
+    per_precision = ", ".join(f"{p} {sum(1 for c in cells if c[2] == p)}" for p in cfg.precisions)
     return {
         "config": cfg_dict,
-        "scale": (f"{len(cfg.concepts)} concepts x {len(cfg.seeds)} seeds x "
-                  f"{len(cfg.methods)} methods (precisions {', '.join(cfg.precisions)}), "
+        "scale": (f"{len(concepts)} concepts, {len(cells)} (concept, seed, precision) cells "
+                  f"({per_precision}), {len(cfg.methods)} methods at fp32, "
                   f"{cfg.budget} UNet forwards per run, {cfg.n_images} images per fidelity point"),
+        "cells": [list(c) for c in cells],
+        "cells_missing": [list(c) for c in cfg.cells() if c not in cells],
         "machine": {"cpu_threads_per_job": threads, "jobs": jobs, "platform": platform.platform(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "vae_ceiling": ceilings,
@@ -377,7 +393,7 @@ def markdown(record: dict[str, Any]) -> str:
     lines += ["### Final concept match per concept (mean over seeds)", "",
               "| concept | ceiling | " + " | ".join(labels) + " |",
               "|---|---|" + "---|" * len(labels)]
-    for c in cfg["concepts"]:
+    for c in record["vae_ceiling"]:
         row = []
         for label in labels:
             vals = [r["concept_match"][-1] for r in record["runs"]
@@ -447,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; report the grid's saved cells (for grids run in parts)")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
@@ -460,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
                         backprop_lr=args.backprop_lr, model_dir=args.model)
     t0 = time.time()
     record = run(cfg, cells_dir=args.out.with_suffix(".cells"), jobs=args.jobs,
-                 threads=args.threads)
+                 threads=args.threads, report_only=args.report_only)
     record["total_wall_s"] = round(time.time() - t0, 1)
     record["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None
                                                                      else sys.argv[1:])

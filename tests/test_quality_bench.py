@@ -58,7 +58,7 @@ def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Pa
     assert runs[("backprop_ti", "fp32")]["forwards"] == [6, 12]
     assert runs[("zoodip", "int8")]["forwards"] == [6, 12]
     assert list(record["summary"]) == ["zoodip", "backprop_ti", "zoodip@int8"]
-    assert "1 concepts x 1 seeds x 2 methods" in record["scale"]
+    assert "1 concepts, 2 (concept, seed, precision) cells (fp32 1, int8 1)" in record["scale"]
     assert 0.0 <= record["vae_ceiling"]["ember"] <= 1.0
     table = out.with_suffix(".md").read_text()
     assert "| zoodip@int8 |" in table and "| ember |" in table
@@ -73,8 +73,16 @@ def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Pa
     # A run over a sub-grid reuses the common cell; a changed setting recomputes it.
     q.main([*argv, "--precisions", "fp32"])  # the last --precisions wins
     assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] == stamp
+    # --report-only runs nothing: it reports the saved cells of a larger grid, and lists the rest.
+    q.main([*argv, "--seeds", "0", "1", "--report-only"])
+    assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] == stamp
+    partial = json.loads(out.read_text())
+    assert partial["runs"] == record["runs"]
+    assert partial["cells_missing"] == [["ember", 1, "fp32"], ["ember", 1, "int8"]]
     q.main([*argv, "--gen-steps", "3"])
     assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] != stamp
+    with pytest.raises(FileNotFoundError, match="no saved cell"):
+        q.main([*argv, "--gen-steps", "4", "--report-only"])
 
 
 @pytest.fixture(scope="module")
