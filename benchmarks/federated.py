@@ -268,8 +268,12 @@ def summarize(per_seed: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any
     for arm in cfg.arms:
         finals = [r["final"] for s in per_seed for r in s["runs"][arm].values()]
         peaks = [best(v for _, v in r["curve"]) for s in per_seed for r in s["runs"][arm].values()]
+        # mean score along the curve after the start: a speed measure finer than the thresholds
+        # (a token that gets there sooner has more good points on its curve)
+        along = [float(np.mean([v for _, v in r["curve"][1:]])) for s in per_seed for r in s["runs"][arm].values()]
         out[arm] = {"final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
-                    "best_mean": float(np.mean(peaks)), "thresholds": {}}  # fmt: skip
+                    "best_mean": float(np.mean(peaks)), "along_mean": float(np.mean(along)),
+                    "thresholds": {}}  # fmt: skip
         for th in cfg.thresholds:
             passes = [passes_to(r["curve"], th, cfg.metric) for s in per_seed for r in s["runs"][arm].values()]
             hit = [p for p in passes if p is not None]
@@ -280,6 +284,10 @@ def summarize(per_seed: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any
         for arm in (a for a in cfg.arms if a != "solo"):
             diffs = [s["runs"][arm][c]["final"] - s["runs"]["solo"][c]["final"] for s in per_seed for c in s["runs"]["solo"]]
             out[f"{arm}_minus_solo_final"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "n": len(diffs)}
+            diffs = [np.mean([v for _, v in s["runs"][arm][c]["curve"][1:]])
+                     - np.mean([v for _, v in s["runs"]["solo"][c]["curve"][1:]])
+                     for s in per_seed for c in s["runs"]["solo"]]  # fmt: skip
+            out[f"{arm}_minus_solo_along"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs)), "n": len(diffs)}
     return out
 
 
@@ -297,20 +305,22 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"statistic from {cfg.get('stat_source', 'updates')}, segments {cfg['segments']} "
         f"(0 = per-step directions); DP noise multiplier {cfg['dp_sigma']}. "
         f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
-        "| arm | final (mean +- std) | best along the curve (mean) | "
+        "| arm | final (mean +- std) | best along the curve (mean) | mean along the curve | "
         + " | ".join(f"reached {t} / median passes" for t in cfg["thresholds"]) + " |",
-        "|---|---|---|" + "---|" * len(cfg["thresholds"]),
+        "|---|---|---|---|" + "---|" * len(cfg["thresholds"]),
     ]  # fmt: skip
     for arm in cfg["arms"]:
         a = s[arm]
         cells = [f"{a['thresholds'][str(t)]['reached']} / {a['thresholds'][str(t)]['passes_median']}" for t in cfg["thresholds"]]
         lines.append(f"| {arm} | {a['final_mean']:.4f} +- {a['final_std']:.4f} | {a['best_mean']:.4f} | "
+                     f"{a['along_mean']:.4f} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     lines.append("")
     for key, d in s.items():
-        if key.endswith("_minus_solo_final"):
-            lines.append(f"- paired final difference {key.removesuffix('_minus_solo_final')} - solo: "
-                         f"{d['mean']:+.4f} +- {d['std']:.4f} (n = {d['n']})")  # fmt: skip
+        for what, label in (("_minus_solo_final", "final"), ("_minus_solo_along", "mean-along-the-curve")):
+            if key.endswith(what):
+                lines.append(f"- paired {label} difference {key.removesuffix(what)} - solo: "
+                             f"{d['mean']:+.4f} +- {d['std']:.4f} (n = {d['n']})")  # fmt: skip
     eps = [p["fleet_dp_epsilon"] for p in result["per_seed"]]
     lines += ["", f"DP fleet epsilon at delta 1e-5 per seed: {eps}.",
               "Fleet windows per seed: " + ", ".join(str(p["fleet_window"]) for p in result["per_seed"]),

@@ -45,6 +45,8 @@ def test_tiny_federated_run(tmp_path: Path) -> None:
     # The solo and fleet arms start from the same token: their first scores agree exactly.
     assert len({seed["runs"][a][newcomer]["curve"][0][1] for a in fed.ARMS}) == 1
     assert result["summary"]["fleet-basis-low_minus_solo_final"]["n"] == 1
+    solo = seed["runs"]["solo"][newcomer]["curve"]
+    assert result["summary"]["solo"]["along_mean"] == pytest.approx((solo[1][1] + solo[2][1]) / 2)
     assert seed["fleet_dp_epsilon"] > 0
     assert "fleet-basis-low" in out.with_suffix(".md").read_text()
     # A finished seed is saved and reused by the same command; a changed config recomputes it.
