@@ -28,11 +28,21 @@ test: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory.py
 
+# The recorded quality run (benchmarks/results/quality.md): an uneven grid run in parts (finished
+# cells are reused), then one report. About 2.5 h on one core; two parts at a time fit 2 cores.
+QUALITY = $(PY) benchmarks/quality.py --budget 3000 --eval-points 3 --n-images 12
+ALL_CONCEPTS = lagoon tidepool glacier ember verdigris grape mosaic chessboard harlequin
 bench-quality: $(STAMP)
-	$(PY) benchmarks/quality.py
+	$(QUALITY) --concepts $(ALL_CONCEPTS) --seeds 0
+	$(QUALITY) --concepts lagoon glacier ember tidepool --seeds 1
+	$(QUALITY) --concepts lagoon glacier --seeds 2
+	$(QUALITY) --concepts lagoon --seeds 0 --precisions int8 int4
+	$(QUALITY) --concepts $(ALL_CONCEPTS) --seeds 0 1 2 --precisions fp32 int8 int4 --report-only
 
-bench-federated: $(STAMP)
-	$(PY) benchmarks/federated.py
+bench-federated: $(STAMP)  # the recorded run (benchmarks/results/federated.md); about 32 min on 1 core
+	$(PY) benchmarks/federated.py --metric cosine --thresholds 0.7 0.75 0.8 --seeds 0 1 \
+	    --veterans 3 --newcomers 3 --fleet-rounds 3 --fleet-steps 300 --probe-steps 20 --steps 600 \
+	    --eval-every 100 --images 12 --stat-source updates --out benchmarks/results/federated
 
 bench-scale: $(STAMP)
 	$(PY) benchmarks/scale.py

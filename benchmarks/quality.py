@@ -383,12 +383,15 @@ def markdown(record: dict[str, Any]) -> str:
     if record["summary_learnable"]:
         lines += [f"### Concepts with VAE ceiling >= {LEARNABLE_CEILING}", "",
                   *_table(record["summary_learnable"]), ""]
-        ref = record["summary_learnable"].get("backprop_ti")
-        if ref and ref["final_concept_match"] > 0:
-            lines.append("Final concept match relative to backprop TI (learnable concepts): " + ", ".join(
-                f"{m} {s['final_concept_match'] / ref['final_concept_match']:.0%}"
-                for m, s in record["summary_learnable"].items()) + ".")
-            lines.append("")
+        for ref_name in ("backprop_ti", "backprop_ti_puts"):
+            ref = record["summary_learnable"].get(ref_name)
+            if ref and ref["final_concept_match"] > 0:
+                lines.append(f"Final concept match relative to {ref_name} (these concepts, fp32): "
+                             + ", ".join(f"{m} {s['final_concept_match'] / ref['final_concept_match']:.0%}"
+                                         for m, s in record["summary_learnable"].items()
+                                         if "@" not in m) + ".")
+                lines.append("")
+    lines += _precision_table(record)
     labels = list(record["summary"])
     lines += ["### Final concept match per concept (mean over seeds)", "",
               "| concept | ceiling | " + " | ".join(labels) + " |",
@@ -403,6 +406,30 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _precision_table(record: dict[str, Any]) -> list[str]:
+    """Quantized runs beside the fp32 runs of the same method on the same (concept, seed) cells."""
+    rows = []
+    for label in record["summary"]:
+        if "@" not in label:
+            continue
+        method = label.split("@")[0]
+        quant = [r for r in record["runs"] if _run_label(r) == label]
+        keys = {(r["concept"], r["seed"]) for r in quant}
+        fp32 = [r for r in record["runs"] if _run_label(r) == method and (r["concept"], r["seed"]) in keys]
+        if not fp32:
+            continue
+        def cell(rs: list[dict[str, Any]]) -> str:
+            return (f"{np.mean([r['concept_match'][-1] for r in rs]):.2f} / "
+                    f"{np.mean([r['feature_cosine'][-1] for r in rs]):.3f} / "
+                    f"{np.mean([r['train_wall_s'] for r in rs]):.1f}")
+        rows.append(f"| {label} | {len(quant)} | {cell(fp32)} | {cell(quant)} |")
+    if not rows:
+        return []
+    return ["### Quantized vs fp32 on the same cells", "",
+            "| method@precision | runs | fp32: match / feature cos / train s | quantized: match / "
+            "feature cos / train s |", "|---|---|---|---|", *rows, ""]
+
+
 def _run_label(r: dict[str, Any]) -> str:
     return r["method"] if r.get("precision", "fp32") == "fp32" else f"{r['method']}@{r['precision']}"
 
@@ -415,14 +442,16 @@ def plot(record: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    learnable = {c for c, v in record["vae_ceiling"].items() if v >= LEARNABLE_CEILING}
     for label in record["summary"]:
-        rs = [r for r in record["runs"] if _run_label(r) == label]
+        rs = [r for r in record["runs"] if _run_label(r) == label and r["concept"] in learnable]
+        if not rs or "@" in label:  # quantized runs cover fewer cells: compared in the table
+            continue
         x = [0] + rs[0]["forwards"]
         match = [np.mean([r["initial_concept_match"] for r in rs])] + list(
             np.mean([r["concept_match"] for r in rs], axis=0))
-        style = "--" if "@" in label else "-"
-        axes[0].plot(x, match, style, marker="o", label=label)
-        axes[1].plot(x[1:], np.mean([r["feature_cosine"] for r in rs], axis=0), style, marker="o",
+        axes[0].plot(x, match, marker="o", label=label)
+        axes[1].plot(x[1:], np.mean([r["feature_cosine"] for r in rs], axis=0), marker="o",
                      label=label)
     axes[0].axhline(record["config"]["threshold"], color="gray", ls=":", lw=1)
     axes[0].set_ylabel("oracle concept match (CLIP-I analogue)")
@@ -430,7 +459,8 @@ def plot(record: dict[str, Any], png: Path) -> None:
     for ax in axes:
         ax.set_xlabel("UNet forward evaluations")
         ax.legend(fontsize=7)
-    fig.suptitle(record["scale"], fontsize=8)
+    fig.suptitle(f"fp32, mean over the concepts with VAE ceiling >= {LEARNABLE_CEILING} "
+                 f"({', '.join(sorted(learnable))}) and their seeds\n{record['scale']}", fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
