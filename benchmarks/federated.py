@@ -304,7 +304,10 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"{cfg['basis_rank']}, weight {cfg['basis_weight']} (low arm {cfg.get('low_basis_weight')}), "
         f"statistic from {cfg.get('stat_source', 'updates')}, segments {cfg['segments']} "
         f"(0 = per-step directions); DP noise multiplier {cfg['dp_sigma']}. "
-        f"Model token dim {result['token_dim']}, wall {result['wall_s']} s.", "",
+        f"Model token dim {result['token_dim']}, wall per seed {result.get('wall_s_per_seed')} s "
+        f"(when it was computed).", "",
+        "How the recorded runs were produced and how to read them: `federated-notes.md` (kept by hand; "
+        "this file is regenerated).", "",
         "| arm | final (mean +- std) | best along the curve (mean) | mean along the curve | "
         + " | ".join(f"reached {t} / median passes" for t in cfg["thresholds"]) + " |",
         "|---|---|---|---|" + "---|" * len(cfg["thresholds"]),

@@ -376,6 +376,8 @@ def markdown(record: dict[str, Any]) -> str:
     """Summary tables (all concepts; concepts the VAE can draw) and the per-concept finals."""
     cfg = record["config"]
     lines = [f"Scale: {record['scale']}.", "",
+             "How the recorded run was produced and how to read it: `quality-notes.md` (kept by "
+             "hand; this file is regenerated).", "",
              f"Machine: {record['machine']}; total wall {record.get('total_wall_s', '?')} s.", "",
              "VAE ceiling (concept match on VAE reconstructions of renders): "
              + ", ".join(f"{c} {v:.2f}" for c, v in record["vae_ceiling"].items()), "",
