@@ -212,7 +212,8 @@ def run_fit_round(
     state = load_state(store, model, device)
     zo = ZOConfig(n=broadcast.n, mu=broadcast.mu, lr=device.lr, puts=(broadcast.puts_low, broadcast.puts_high))
     basis = None if broadcast.basis is None else torch.from_numpy(np.asarray(broadcast.basis, dtype=np.float32))
-    res = model.train(data, state, zo, broadcast.local_steps, basis=basis, basis_weight=broadcast.basis_weight)
+    res = model.train(data, state, zo, broadcast.local_steps, basis=basis, basis_weight=broadcast.basis_weight,
+                      keep_grads=broadcast.stat_source == "gradients")
     store.save(
         res.state.to_tensors(),
         {"model-fingerprint": model.fingerprint, "round": str(broadcast.round)},

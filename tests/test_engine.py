@@ -117,7 +117,7 @@ def test_sg_refreshes_every_tau_steps(tiny_engine: Personalizer, data) -> None: 
 def test_spsa_and_multi_vector_tokens(tiny_engine: Personalizer) -> None:
     ti = TIConfig(placeholder="<multi>", initializer="cat", num_vectors=3)
     data = tiny_engine.prepare_data_from_images(random_photos(2, seed=1), ti, captions=["a photo of {} on a sofa", None])
-    res = tiny_engine.train(data, tiny_engine.init_state(ti), ZOConfig(estimator="spsa", n=2), 3)
+    res = tiny_engine.train(data, tiny_engine.init_state(ti), ZOConfig(estimator="spsa", n=2), 3, keep_grads=True)
     assert res.state.theta.shape == (3, 32) and res.forward_passes == 12
     assert res.updates.shape == (3, 96) and res.grads.shape == (3, 96)
 
@@ -167,3 +167,17 @@ def test_quantized_engine_learns_with_frozen_weights(tiny_model_dir: Path, backe
         assert torch.isfinite(res.state.theta).all() and not torch.equal(res.state.theta, engine.init_state(TI).theta)
     after = engine.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradients_are_kept_only_when_asked_and_are_the_raw_estimates(tiny_engine: Personalizer, data) -> None:  # type: ignore[no-untyped-def]
+    state = tiny_engine.init_state(TI)
+    plain = tiny_engine.train(data, state, ZOConfig(tau=2), 4)
+    kept = tiny_engine.train(data, state, ZOConfig(tau=2), 4, keep_grads=True)
+    assert plain.grads.numel() == 0 and kept.grads.shape == (4, 32)
+    assert torch.equal(plain.state.theta, kept.state.theta)  # recording changes nothing
+    # Three steps with tau = 2: the directions refreshed after step 2 are projected out of step 3's
+    # applied gradient, and the final state still holds them; the kept estimate is unprojected.
+    three = tiny_engine.train(data, state, ZOConfig(tau=2), 3, keep_grads=True)
+    dirs = three.state.sg_dirs
+    assert dirs.shape[0] > 0
+    assert float((dirs @ three.grads[2]).abs().max()) > 1e-6

@@ -61,7 +61,7 @@ class RoundResult:
     timesteps: list[int] = field(default_factory=list)
     signal: list[float] = field(default_factory=list)
     updates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    grads: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (steps, D) raw estimates
+    grads: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (steps, D), keep_grads only
     forward_passes: int = 0
     wall_s: float = 0.0
 
@@ -217,8 +217,13 @@ class Personalizer:
         basis: torch.Tensor | None = None,
         basis_weight: float = 0.0,
         on_step: StepCallback | None = None,
+        keep_grads: bool = False,
     ) -> RoundResult:
-        """Run `steps` optimizer steps from `state`; returns the new state and the round's traces."""
+        """Run `steps` optimizer steps from `state`; returns the new state and the round's traces.
+
+        `keep_grads` also returns every step's raw gradient estimate (the fleet's "gradients"
+        statistic needs them); off by default, since a long run would hold steps x D floats.
+        """
         if optimizer not in ("zo", "backprop"):
             raise ValueError(f"optimizer must be 'zo' or 'backprop', got {optimizer!r}")
         if state.placeholder != data.ti.placeholder or state.num_vectors != data.ti.num_vectors:
@@ -242,15 +247,17 @@ class Personalizer:
             sample = self._draw_sample(data, gen, window)
             if optimizer == "zo":
                 g, loss, signal = self._zo_grad(objective, sample, theta, zo, gen, basis, basis_weight)
-                grads.append(g.flatten())
+                raw = g  # the estimate before the Subspace Gradient projection
                 if zo.use_sg:
                     g = project_out(g, dirs)
                 result.forward_passes += zo.forwards_per_step
                 result.signal.append(signal)
             else:
                 g, loss = self._backprop_grad(objective, sample, theta)
-                grads.append(g.flatten())
+                raw = g
                 result.forward_passes += 1
+            if keep_grads:
+                grads.append(raw.flatten())
             if not np.isfinite(loss) or not torch.isfinite(g).all():
                 raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss {loss})")
             new_theta = _adam_step(theta, g.view(shape), m, v, step + 1, zo)
