@@ -220,9 +220,10 @@ def vae_ceiling(cfg: QualityConfig, concept_name: str, n: int = 48) -> float:
     any method can reach, and it separates concepts that rank methods from those that cannot.
     """
     from diffusers import AutoencoderKL
+    from PIL import Image
 
-    from simulations.world.oracle import to_tensor
-    from simulations.world.render import render_batch, sample_scene
+    from simulations.world.evaluate_model import vae_roundtrip
+    from simulations.world.render import sample_scene
     from zo_core.model_io import inspect_model_dir
 
     concept = get_concept(concept_name)
@@ -230,12 +231,8 @@ def vae_ceiling(cfg: QualityConfig, concept_name: str, n: int = 48) -> float:
                                         local_files_only=True, torch_dtype=torch.float32)
     rng = np.random.default_rng([0, 9])
     scenes = [sample_scene(rng, fixed=concept.attributes) for _ in range(n)]
-    x = to_tensor(render_batch(scenes, rng))
-    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    from PIL import Image
-
-    return Oracle.load().concept_fidelity([Image.fromarray(a) for a in arr], concept)["match"]
+    images = [Image.fromarray(a) for a in vae_roundtrip(vae, scenes, rng)]
+    return Oracle.load().concept_fidelity(images, concept)["match"]
 
 
 def _cell_path(cells_dir: Path, cell: tuple[str, int, str]) -> Path:

@@ -98,21 +98,25 @@ def prompt_following(
 
 
 @torch.no_grad()
+def vae_roundtrip(vae: Any, scenes: list[Scene], rng: np.random.Generator) -> np.ndarray:
+    """Render `scenes`, encode and decode them with `vae`: (N, H, W, 3) uint8, what it can draw."""
+    from simulations.world.oracle import to_tensor
+    from simulations.world.render import render_batch
+
+    x = to_tensor(render_batch(scenes, rng))
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def reconstruction_accuracy(pipe: Any, oracle: Oracle, *, n: int, seed: int) -> dict[str, float]:
     """Oracle accuracy per attribute on VAE reconstructions of renders: the ceiling the VAE sets.
 
     The UNet can only produce what the decoder can draw; this separates VAE losses (e.g. fine
     patterns) from prompt-following losses of the UNet and text encoder.
     """
-    from simulations.world.oracle import to_tensor
-    from simulations.world.render import render_batch
-
     rng = np.random.default_rng([seed, 8])
     scenes = [sample_scene(rng) for _ in range(n)]
-    x = to_tensor(render_batch(scenes, rng))
-    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    preds = oracle.predict(arr)
+    preds = oracle.predict(vae_roundtrip(pipe.vae, scenes, rng))
     return {a: float(np.mean([p[a] == getattr(s, a) for p, s in zip(preds, scenes, strict=True)]))
             for a in ATTRIBUTES}
 
