@@ -225,8 +225,14 @@ def _seed_worker(args: tuple[dict[str, Any], int, str]) -> str:
 
 
 def _seedless(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config a per-seed file must match to be reused (JSON-normalised, without the seed list)."""
-    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k != "seeds"}
+    """The config a per-seed file must match to be reused (JSON-normalised, without the seed list),
+    plus the model's fingerprint: `model_dir` None names whichever embedded model is shipped, and a
+    seed run on a retrained model must not be mixed with one from its predecessor."""
+    from zo_core.model_io import fingerprint, inspect_model_dir
+
+    settings = {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k != "seeds"}
+    settings["model_fingerprint"] = fingerprint(inspect_model_dir(cfg_dict["model_dir"]).root)
+    return settings
 
 
 def run(cfg: BenchConfig, *, seeds_dir: Path, jobs: int = 1) -> dict[str, Any]:

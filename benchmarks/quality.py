@@ -240,11 +240,21 @@ def _cell_path(cells_dir: Path, cell: tuple[str, int, str]) -> Path:
     return cells_dir / f"{concept}-seed{seed}-{precision}.json"
 
 
+def _model_fingerprint(model_dir: str | None) -> str:
+    from zo_core.model_io import fingerprint, inspect_model_dir
+
+    return fingerprint(inspect_model_dir(model_dir).root)
+
+
 def _cell_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """What a saved cell must match to be reused: every setting except the grid's own axes, so
-    that runs over different concept / seed / precision lists share their common cells."""
+    that runs over different concept / seed / precision lists share their common cells, plus the
+    model's fingerprint: `model_dir` None names whichever embedded model is shipped, and a cell
+    learned on a retrained model must not be mixed with one from its predecessor."""
     axes = ("concepts", "seeds", "precisions")
-    return {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in axes}
+    settings = {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in axes}
+    settings["model_fingerprint"] = _model_fingerprint(cfg_dict["model_dir"])
+    return settings
 
 
 def _cell_worker(args: tuple[dict[str, Any], tuple[str, int, str], str, int]) -> str:
@@ -301,6 +311,7 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
     per_precision = ", ".join(f"{p} {sum(1 for c in cells if c[2] == p)}" for p in cfg.precisions)
     return {
         "config": cfg_dict,
+        "model_fingerprint": _model_fingerprint(cfg.model_dir),
         "scale": (f"{len(concepts)} concepts, {len(cells)} (concept, seed, precision) cells "
                   f"({per_precision}), {len(cfg.methods)} methods at fp32, "
                   f"{cfg.budget} UNet forwards per run, {cfg.n_images} images per fidelity point"),

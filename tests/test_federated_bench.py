@@ -26,6 +26,7 @@ def _load():  # type: ignore[no-untyped-def]
 def test_tiny_federated_run(tmp_path: Path) -> None:
     from simulations.world.captions import vocabulary
     from zo_core.model_factory import build_tiny_sd
+    from zo_core.model_io import fingerprint
 
     fed = _load()
     model = build_tiny_sd(tmp_path / "sd", words=vocabulary(), seed=0)
@@ -57,3 +58,10 @@ def test_tiny_federated_run(tmp_path: Path) -> None:
     fed.main([*argv, "--low-basis-weight", "0.1", "--arms", "solo", "fleet-basis-low"])
     assert saved.stat().st_mtime_ns != stamp
     assert json.loads(saved.read_text())["config"]["low_basis_weight"] == 0.1
+    # The same command on a changed model recomputes: seeds from two models are never mixed.
+    stamp = saved.stat().st_mtime_ns
+    config = model / "unet" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    fed.main([*argv, "--low-basis-weight", "0.1", "--arms", "solo", "fleet-basis-low"])
+    assert saved.stat().st_mtime_ns != stamp
+    assert json.loads(saved.read_text())["config"]["model_fingerprint"] == fingerprint(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,11 +44,14 @@ def test_config_validation() -> None:
 
 @pytest.mark.slow
 def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Path) -> None:
+    from zo_core.model_io import fingerprint
+
     q = _load()
     out = tmp_path / "quality.json"
+    model = shutil.copytree(tiny_world_model, tmp_path / "model")  # retrained at the end
     argv = ["--concepts", "ember", "--methods", "zoodip", "backprop_ti", "--budget", "12",
             "--eval-points", "2", "--n-images", "2", "--gen-steps", "2", "--precisions", "fp32",
-            "int8", "--quant-methods", "zoodip", "--model", str(tiny_world_model),
+            "int8", "--quant-methods", "zoodip", "--model", str(model),
             "--out", str(out)]
     q.main(argv)
     record = json.loads(out.read_text())
@@ -83,6 +87,14 @@ def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Pa
     assert [p.stat().st_mtime_ns for p in out.with_suffix(".cells").iterdir()] != stamp
     with pytest.raises(FileNotFoundError, match="no saved cell"):
         q.main([*argv, "--gen-steps", "4", "--report-only"])
+    # The same settings on a changed model (a retrained embedded default keeps its folder name)
+    # match no saved cell: results from two models are never mixed.
+    q.main([*argv, "--gen-steps", "3", "--report-only"])
+    assert json.loads(out.read_text())["model_fingerprint"] == fingerprint(model)
+    config = model / "unet" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    with pytest.raises(FileNotFoundError, match="no saved cell"):
+        q.main([*argv, "--gen-steps", "3", "--report-only"])
 
 
 @pytest.fixture(scope="module")
