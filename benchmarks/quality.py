@@ -94,6 +94,8 @@ class QualityConfig:
             raise ValueError(f"budget {self.budget} too small for {self.eval_points} eval points")
         if self.n_images < 1 or self.gen_steps < 1 or self.eval_points < 1:
             raise ValueError("n_images, gen_steps and eval_points must be >= 1")
+        if self.tau < 2:
+            raise ValueError(f"tau must be >= 2, got {self.tau}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
 
@@ -502,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--zo-lr", type=float, default=d.zo_lr)
     p.add_argument("--backprop-lr", type=float, default=d.backprop_lr)
+    p.add_argument("--tau", type=int, default=d.tau,
+                   help="SG buffer length and refresh period (the paper's 128); at token sizes "
+                        "below it the buffer spans all of token space")
     p.add_argument("--model", default=None, help="diffusers folder (default: embedded tinyworld)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality.json")
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
@@ -518,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
                         eval_points=args.eval_points, n_images=args.n_images,
                         gen_steps=args.gen_steps, guidance=args.guidance,
                         threshold=args.threshold, zo_lr=args.zo_lr,
-                        backprop_lr=args.backprop_lr, model_dir=args.model)
+                        backprop_lr=args.backprop_lr, tau=args.tau, model_dir=args.model)
     t0 = time.time()
     record = run(cfg, cells_dir=args.out.with_suffix(".cells"), jobs=args.jobs,
                  threads=args.threads, report_only=args.report_only)

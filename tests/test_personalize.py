@@ -31,6 +31,9 @@ def test_run_writes_token_record_and_checkpoint(tiny_model_dir: Path, photo_dir:
     assert on_disk["steps"] == 9 and len(on_disk["losses"]) == 9 and on_disk["forward_passes"] == 27
     assert on_disk["peak_memory_mib"]["train"] > 0 and record["fingerprint"]
     assert on_disk["job"]["zo"]["puts"] == [500, 900]
+    # tau = 4: after 8 steps the SG has refreshed twice from a 4-row buffer (rank <= 3 centred).
+    sg = on_disk["subspace_gradient"]
+    assert sg["token_size"] == 32 and sg["tau"] == 4 and 1 <= sg["removed_directions"] <= 3
     name, theta = load_learned_embeds(out / "learned_embeds.safetensors", 32)
     assert name == "<tok>" and theta.shape == (1, 32)
 

@@ -35,6 +35,9 @@ def test_config_validation() -> None:
         q.QualityConfig(threshold=0.0)
     with pytest.raises(ValueError, match="unknown precisions"):
         q.QualityConfig(precisions=("int3",))
+    with pytest.raises(ValueError, match="tau must be >= 2"):
+        q.QualityConfig(tau=1)
+    assert q._zo_config(q.QualityConfig(tau=16), "zoodip").tau == 16
     cfg = q.QualityConfig(concepts=("lagoon",), seeds=(0, 1), precisions=("fp32", "int8"),
                           methods=("zoodip", "plain_zo"), quant_methods=("zoodip",))
     assert cfg.cells() == [("lagoon", 0, "fp32"), ("lagoon", 0, "int8"),
