@@ -71,7 +71,7 @@ class QualityConfig:
     eval_points: int = 4  # fidelity measured after budget * k / eval_points, k = 1..eval_points
     zo_lr: float = 5e-3
     backprop_lr: float = 5e-3
-    tau: int = 128
+    tau: int | None = 128  # the paper's, explicit (the recorded grid); None: the engine's D-aware default
     n_images: int = 16  # images per fidelity evaluation
     gen_steps: int = 20
     guidance: float = 7.5  # the generate command's default (the SD default)
@@ -94,7 +94,7 @@ class QualityConfig:
             raise ValueError(f"budget {self.budget} too small for {self.eval_points} eval points")
         if self.n_images < 1 or self.gen_steps < 1 or self.eval_points < 1:
             raise ValueError("n_images, gen_steps and eval_points must be >= 1")
-        if self.tau < 2:
+        if self.tau is not None and self.tau < 2:
             raise ValueError(f"tau must be >= 2, got {self.tau}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")

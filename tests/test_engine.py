@@ -112,6 +112,11 @@ def test_sg_refreshes_every_tau_steps(tiny_engine: Personalizer, data) -> None: 
     assert r2.state.sg_dirs.shape[0] > 0 and r2.state.sg_buffer.shape == (8, 32)
     off = tiny_engine.train(data, state, ZOConfig(tau=8, use_sg=False), 8)
     assert off.state.sg_dirs.shape[0] == 0
+    # The default buffer length follows the token size: D = 32 -> 8 rows, the paper's 128 from D = 512.
+    assert [ZOConfig().sg_tau(d) for d in (4, 32, 64, 768, 2048)] == [2, 8, 16, 128, 128]
+    assert ZOConfig(tau=50).sg_tau(64) == 50
+    auto = tiny_engine.train(data, state, ZOConfig(), 8)
+    assert auto.state.sg_dirs.shape[0] > 0 and auto.state.sg_buffer.shape == (8, 32)
 
 
 def test_spsa_and_multi_vector_tokens(tiny_engine: Personalizer) -> None:

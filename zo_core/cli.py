@@ -32,7 +32,7 @@ def add_personalize_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
         "personalize",
         help="learn a personal token from a folder of photos with forward passes only (ZOODiP)",
         description="Learn a textual-inversion token on a (quantized) Stable Diffusion model. Defaults are the "
-        "ZOODiP paper's: RGE with n=2, mu=1e-3, Adam eps 1e-3, Subspace Gradient tau=128 nu=1e-3, PUTS [500,900).",
+        "ZOODiP paper's: RGE with n=2, mu=1e-3, Adam eps 1e-3, Subspace Gradient tau=128 (D/4 below D=512) nu=1e-3, PUTS [500,900).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=None, help="local SD folder (diffusers layout); default: the embedded model")
@@ -53,7 +53,9 @@ def add_personalize_parser(sub: argparse._SubParsersAction) -> None:  # type: ig
                    help="perturbation scale; default: the paper's 1e-3, or 1e-2 with a 4-bit UNet (quanto-int4, bnb-nf4)")
     p.add_argument("--lr", type=float, default=d_zo.lr)
     p.add_argument("--sg", choices=("on", "off"), default="on", help="Subspace Gradient")
-    p.add_argument("--tau", type=int, default=d_zo.tau, help="SG buffer length / refresh period")
+    p.add_argument("--tau", type=int, default=d_zo.tau,
+                   help="SG buffer length / refresh period; default: the paper's 128, or D/4 for tokens "
+                        "of D < 512 floats (a 128-row buffer would span all of a small token's space)")
     p.add_argument("--nu", type=float, default=d_zo.nu, help="SG variance share treated as noise")
     p.add_argument("--puts", type=_window, default=d_zo.puts, help="timestep window T_L,T_U or 'off' for U[0,T)")
     p.add_argument("--forwards", choices=("batched", "sequential"), default="batched",

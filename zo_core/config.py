@@ -2,7 +2,8 @@
 
 Defaults are the paper's (ZOODiP, CVPR 2025, section 4 and the reference script): n = 2 directions,
 mu = 1e-3, Adam(0.9, 0.999, eps 1e-3), tau = 128, nu = 1e-3, PUTS window [500, 900) of T = 1000.
-The learning rate is 5e-3 as in the paper's text (the reference script uses 1e-2).
+The learning rate is 5e-3 as in the paper's text (the reference script uses 1e-2). One deviation,
+for small tokens only: the SG buffer length defaults to min(128, D // 4) (`ZOConfig.sg_tau`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ZOConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-3
     use_sg: bool = True  # Subspace Gradient (method.md section 4)
-    tau: int = 128  # SG buffer length and refresh period
+    tau: int | None = None  # SG buffer length and refresh period; None: sg_tau's token-size rule
     nu: float = 1e-3  # SG: variance fraction treated as noise
     puts: tuple[int, int] | None = (500, 900)  # [T_L, T_U); None = uniform over [0, T)
     batched: bool = True  # the n + 1 candidates in ONE forward (False: one forward each)
@@ -76,7 +77,7 @@ class ZOConfig:
                 raise ValueError(f"zo.{name} must be > 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"zo.beta1/beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.tau < 2:
+        if self.tau is not None and self.tau < 2:
             raise ValueError(f"zo.tau must be >= 2, got {self.tau}")
         if self.nu >= 1:
             raise ValueError(f"zo.nu must be < 1, got {self.nu}")
@@ -85,6 +86,21 @@ class ZOConfig:
             if not (0 <= lo < hi):
                 raise ValueError(f"zo.puts must be a window 0 <= T_L < T_U, got {self.puts}")
             object.__setattr__(self, "puts", (int(lo), int(hi)))
+
+    def sg_tau(self, token_size: int) -> int:
+        """The SG buffer length for a token of `token_size` (D) floats: `tau` if set, else
+        min(128, D // 4), at least 2.
+
+        The paper's tau = 128 was tuned at D = 768, where a centred 128-row buffer spans at most
+        127 of 768 directions, so SG can remove at most 17% of token space. At D <= 128 the buffer
+        spans all of it: on the embedded model (D = 64) tau = 128 removed 57 of 64 directions and
+        ZOODiP's final concept match fell to 0.17, against 0.49 with tau = 16 and 0.54 without SG
+        (lagoon and glacier, 3 seeds; benchmarks/results/quality-notes.md). D // 4 keeps the
+        buffer well inside token space and gives the paper's 128 from D = 512 up.
+        """
+        if self.tau is not None:
+            return self.tau
+        return max(2, min(128, token_size // 4))
 
     @property
     def forwards_per_step(self) -> int:

@@ -237,6 +237,7 @@ class Personalizer:
         theta = state.theta.clone()
         m, v = state.exp_avg.clone(), state.exp_avg_sq.clone()
         buffer, dirs = state.sg_buffer.clone(), state.sg_dirs.clone()
+        tau = zo.sg_tau(theta.numel())
         result = RoundResult(state=state)
         updates: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
@@ -265,8 +266,8 @@ class Personalizer:
             theta = new_theta
             step += 1
             if zo.use_sg and optimizer == "zo":
-                buffer = torch.cat([buffer, theta.flatten()[None]])[-zo.tau :]
-                if step % zo.tau == 0 and buffer.shape[0] == zo.tau:
+                buffer = torch.cat([buffer, theta.flatten()[None]])[-tau:]
+                if step % tau == 0 and buffer.shape[0] == tau:
                     dirs = low_variance_directions(buffer, zo.nu)
             result.losses.append(loss)
             result.timesteps.append(sample.timestep)

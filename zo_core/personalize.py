@@ -148,11 +148,10 @@ def run_personalize(job: PersonalizeJob, *, resume: bool = False, progress: Prog
         "quantization": engine.quant_report.to_dict() if engine.quant_report is not None else None,
         "steps": state.step,
         "forward_passes": prog.forward_passes,
-        # How much of token space the Subspace Gradient removes at the end: the paper's regime
-        # (tau = 128 rows, D = 768) can remove at most 127 of 768 directions; at D <= tau the
-        # buffer spans all of token space and can remove most of it.
+        # How much of token space the Subspace Gradient removes at the end (ZOConfig.sg_tau).
         "subspace_gradient": ({"removed_directions": int(state.sg_dirs.shape[0]),
-                               "token_size": int(state.theta.numel()), "tau": job.zo.tau}
+                               "token_size": int(state.theta.numel()),
+                               "tau": job.zo.sg_tau(state.theta.numel())}
                               if job.zo.use_sg and job.train.optimizer == "zo" else None),
         "train_wall_s": round(prog.wall_s, 3),
         "it_per_s": round(state.step / prog.wall_s, 3) if prog.wall_s > 0 else None,
