@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean bench-memory bench-quality bench-federated bench-scale
+.PHONY: install demo test clean bench-memory bench-quality bench-quality-sg bench-federated bench-scale
 
 # torch is pinned FIRST: 2.13.0 is the CPU wheel on disk; an unpinned torch pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -38,6 +38,13 @@ bench-quality: $(STAMP)
 	$(QUALITY) --concepts lagoon glacier --seeds 2
 	$(QUALITY) --concepts lagoon --seeds 0 --precisions int8 int4
 	$(QUALITY) --concepts $(ALL_CONCEPTS) --seeds 0 1 2 --precisions fp32 int8 int4 --report-only
+
+# ZOODiP with the engine's default SG buffer at D = 64 (tau 16) beside the grid above (tau 128).
+TAU16 = $(QUALITY) --methods zoodip --tau 16 --out benchmarks/results/quality-sg-tau16
+bench-quality-sg: $(STAMP)
+	$(TAU16) --concepts lagoon glacier tidepool --seeds 0 1 2
+	$(TAU16) --concepts lagoon --seeds 0 1 2 --precisions int8 int4 --jobs 2
+	$(TAU16) --concepts lagoon glacier tidepool --seeds 0 1 2 --precisions fp32 int8 int4 --report-only
 
 bench-federated: $(STAMP)  # the recorded run (benchmarks/results/federated.md); about 32 min on 1 core
 	$(PY) benchmarks/federated.py --metric cosine --thresholds 0.7 0.75 0.8 --seeds 0 1 \
