@@ -40,7 +40,7 @@ bench-quality: $(STAMP)
 	$(QUALITY) --concepts $(ALL_CONCEPTS) --seeds 0 1 2 --precisions fp32 int8 int4 --report-only
 
 # ZOODiP with the engine's default SG buffer at D = 64 (tau 16) beside the grid above (tau 128).
-TAU16 = $(QUALITY) --methods zoodip --tau 16 --out benchmarks/results/quality-sg-tau16
+TAU16 = $(QUALITY) --methods zoodip --tau 16 --out benchmarks/results/quality-sg-tau16.json
 bench-quality-sg: $(STAMP)
 	$(TAU16) --concepts lagoon glacier tidepool --seeds 0 1 2
 	$(TAU16) --concepts lagoon --seeds 0 1 2 --precisions int8 int4 --jobs 2

@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
+    if args.out.suffix != ".json":  # the .md, .png and .cells/ siblings are named after it
+        p.error(f"--out must be a .json path, got {args.out}")
     torch.set_num_threads(args.threads)
     cfg = QualityConfig(concepts=tuple(args.concepts), seeds=tuple(args.seeds),
                         methods=tuple(args.methods), precisions=tuple(args.precisions),

@@ -37,6 +37,8 @@ def test_config_validation() -> None:
         q.QualityConfig(precisions=("int3",))
     with pytest.raises(ValueError, match="tau must be >= 2"):
         q.QualityConfig(tau=1)
+    with pytest.raises(SystemExit):  # argparse error: the siblings are named after a .json
+        q.main(["--out", "results/quality"])
     assert q._zo_config(q.QualityConfig(tau=16), "zoodip").tau == 16
     cfg = q.QualityConfig(concepts=("lagoon",), seeds=(0, 1), precisions=("fp32", "int8"),
                           methods=("zoodip", "plain_zo"), quant_methods=("zoodip",))
