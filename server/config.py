@@ -107,7 +107,10 @@ class BasisConfig:
     """The global subspace basis broadcast to clients."""
 
     rank: int = 8
-    weight: float = 0.5  # fraction of perturbation energy clients draw inside the basis
+    # Fraction of perturbation energy clients draw inside the basis. 0.2, not 0.5: on the embedded
+    # model 0.5 slowed newcomers with both statistics (mean along the curve -0.021 and -0.023 vs
+    # solo, n = 6) while 0.2 was neutral (-0.004, -0.006); benchmarks/results/federated-notes.md.
+    weight: float = 0.2
     decay: float = 0.5  # M_t = decay * M_{t-1} + mean statistic of round t
     segments: int = 0  # client statistic: 0 = per-step directions, k = k displacement segments
     source: str = "updates"  # client statistic built from "updates" or "gradients" (raw ZO estimates)
