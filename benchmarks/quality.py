@@ -273,9 +273,9 @@ def _cell_worker(args: tuple[dict[str, Any], tuple[str, int, str], str, int]) ->
     return path.name
 
 
-def _cell_done(cells_dir: Path, cell: tuple[str, int, str], cfg_dict: dict[str, Any]) -> bool:
+def _cell_done(cells_dir: Path, cell: tuple[str, int, str], settings: dict[str, Any]) -> bool:
     path = _cell_path(cells_dir, cell)
-    return path.exists() and json.loads(path.read_text())["config"] == _cell_settings(cfg_dict)
+    return path.exists() and json.loads(path.read_text())["config"] == settings
 
 
 def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
@@ -289,9 +289,10 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
 
     cells_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(cfg)
+    settings = _cell_settings(cfg_dict)  # hashes the model once, not once per cell
     todo = []
     for cell in cfg.cells():
-        if _cell_done(cells_dir, cell, cfg_dict):
+        if _cell_done(cells_dir, cell, settings):
             print(f"cell {_cell_path(cells_dir, cell).name}: done before, reusing", flush=True)
         elif not report_only:
             todo.append((cfg_dict, cell, str(cells_dir), threads))
@@ -303,7 +304,7 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
         with mp.get_context("spawn").Pool(jobs) as pool:
             for i, name in enumerate(pool.imap_unordered(_cell_worker, todo), 1):
                 print(f"[{i}/{len(todo)}] cell {name} written", flush=True)
-    cells = [c for c in cfg.cells() if _cell_done(cells_dir, c, cfg_dict)]
+    cells = [c for c in cfg.cells() if _cell_done(cells_dir, c, settings)]
     if not cells:
         raise FileNotFoundError(f"no saved cell in {cells_dir} matches these settings")
     runs = [RunResult(**r) for cell in cells
@@ -313,7 +314,7 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
     per_precision = ", ".join(f"{p} {sum(1 for c in cells if c[2] == p)}" for p in cfg.precisions)
     return {
         "config": cfg_dict,
-        "model_fingerprint": _model_fingerprint(cfg.model_dir),
+        "model_fingerprint": settings["model_fingerprint"],
         "scale": (f"{len(concepts)} concepts, {len(cells)} (concept, seed, precision) cells "
                   f"({per_precision}), {len(cfg.methods)} methods at fp32, "
                   f"{cfg.budget} UNet forwards per run, {cfg.n_images} images per fidelity point"),
