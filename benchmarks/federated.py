@@ -228,10 +228,10 @@ def _seedless(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The config a per-seed file must match to be reused (JSON-normalised, without the seed list),
     plus the model's fingerprint: `model_dir` None names whichever embedded model is shipped, and a
     seed run on a retrained model must not be mixed with one from its predecessor."""
-    from zo_core.model_io import fingerprint, inspect_model_dir
+    from zo_core.model_io import model_fingerprint
 
     settings = {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k != "seeds"}
-    settings["model_fingerprint"] = fingerprint(inspect_model_dir(cfg_dict["model_dir"]).root)
+    settings["model_fingerprint"] = model_fingerprint(cfg_dict["model_dir"])
     return settings
 
 
@@ -242,10 +242,11 @@ def run(cfg: BenchConfig, *, seeds_dir: Path, jobs: int = 1) -> dict[str, Any]:
     torch.set_num_threads(1)
     seeds_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(cfg)
+    settings = _seedless(cfg_dict)  # hashes the model once, not once per seed
     todo = []
     for seed in cfg.seeds:
         path = seeds_dir / f"seed-{seed}.json"
-        if path.exists() and json.loads(path.read_text())["config"] == _seedless(cfg_dict):
+        if path.exists() and json.loads(path.read_text())["config"] == settings:
             print(f"seed {seed}: done before ({path.name}), reusing", flush=True)
             continue
         todo.append((cfg_dict, seed, str(seeds_dir)))

@@ -242,20 +242,16 @@ def _cell_path(cells_dir: Path, cell: tuple[str, int, str]) -> Path:
     return cells_dir / f"{concept}-seed{seed}-{precision}.json"
 
 
-def _model_fingerprint(model_dir: str | None) -> str:
-    from zo_core.model_io import fingerprint, inspect_model_dir
-
-    return fingerprint(inspect_model_dir(model_dir).root)
-
-
 def _cell_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """What a saved cell must match to be reused: every setting except the grid's own axes, so
     that runs over different concept / seed / precision lists share their common cells, plus the
     model's fingerprint: `model_dir` None names whichever embedded model is shipped, and a cell
     learned on a retrained model must not be mixed with one from its predecessor."""
+    from zo_core.model_io import model_fingerprint
+
     axes = ("concepts", "seeds", "precisions")
     settings = {k: v for k, v in json.loads(json.dumps(cfg_dict)).items() if k not in axes}
-    settings["model_fingerprint"] = _model_fingerprint(cfg_dict["model_dir"])
+    settings["model_fingerprint"] = model_fingerprint(cfg_dict["model_dir"])
     return settings
 
 

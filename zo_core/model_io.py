@@ -120,6 +120,11 @@ def inspect_model_dir(model_dir: str | Path | None) -> ModelInfo:
     )
 
 
+def model_fingerprint(model_dir: str | Path | None) -> str:
+    """`fingerprint` of a model folder given as a user would (None: the embedded default)."""
+    return fingerprint(inspect_model_dir(model_dir).root)
+
+
 def fingerprint(root: Path, *, chunk: int = 1 << 20) -> str:
     """A short identity of the base model (configs, tokenizer, weights) that the fleet must agree on.
 
