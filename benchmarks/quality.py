@@ -58,6 +58,20 @@ LEARNABLE_CEILING = 0.5
 PRECISIONS: dict[str, str] = {"fp32": "none", "int8": "quanto-int8", "int4": "quanto-int4"}
 
 
+def eval_schedule(first: int, budget: int) -> list[int]:
+    """Forward counts at which a run is scored: first, 2 first, 4 first, ... and the budget.
+
+    Doubling spacing shows the fast start of backprop TI and the long tail of ZO on one log axis,
+    and every method is scored at the same forward counts up to its own budget, so runs are
+    compared at equal forwards without interpolation.
+    """
+    points, f = [], first
+    while f < budget:
+        points.append(f)
+        f *= 2
+    return [*points, budget]
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     """Scale and settings of one benchmark run (saved with the results)."""
@@ -67,8 +81,12 @@ class QualityConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     precisions: tuple[str, ...] = ("fp32",)  # keys of PRECISIONS; int8 / int4 via quanto
     quant_methods: tuple[str, ...] = ("zoodip", "backprop_ti")  # the methods run quantized too
-    budget: int = 1200  # UNet forward evaluations per run
-    eval_points: int = 4  # fidelity measured after budget * k / eval_points, k = 1..eval_points
+    # UNet forward evaluations per run: ZO methods (n + 1 per step) and backprop methods (one
+    # forward and its backward per step). The paper trains ZO for many times TI's steps (30,000
+    # vs 5,000), so the two budgets are set apart and ZO's is long enough to show its plateau.
+    budget: int = 1200
+    backprop_budget: int = 1200
+    first_eval: int = 300  # forwards of the first scored point; then doubling (eval_schedule)
     zo_lr: float = 5e-3
     backprop_lr: float = 5e-3
     tau: int | None = 128  # the paper's, explicit (the recorded grid); None: the engine's D-aware default
@@ -90,10 +108,11 @@ class QualityConfig:
             raise ValueError(f"unknown precisions {bad}; known: {list(PRECISIONS)}")
         if not self.concepts or not self.seeds or not self.methods or not self.precisions:
             raise ValueError("concepts, seeds, methods and precisions must be non-empty")
-        if self.budget < 3 * self.eval_points:
-            raise ValueError(f"budget {self.budget} too small for {self.eval_points} eval points")
-        if self.n_images < 1 or self.gen_steps < 1 or self.eval_points < 1:
-            raise ValueError("n_images, gen_steps and eval_points must be >= 1")
+        if not 3 <= self.first_eval <= min(self.budget, self.backprop_budget):
+            raise ValueError(f"first_eval must lie in [3, min(budget, backprop_budget)], got "
+                             f"{self.first_eval} for budgets {self.budget}, {self.backprop_budget}")
+        if self.n_images < 1 or self.gen_steps < 1:
+            raise ValueError("n_images and gen_steps must be >= 1")
         if self.tau is not None and self.tau < 2:
             raise ValueError(f"tau must be >= 2, got {self.tau}")
         if not 0 < self.threshold <= 1:
@@ -108,6 +127,11 @@ class QualityConfig:
         if precision == "fp32":
             return list(self.methods)
         return [m for m in self.methods if m in self.quant_methods]
+
+    def schedule(self, method: str) -> list[int]:
+        """The forward counts at which `method` is scored (its budget is the last)."""
+        zo = METHODS[method]["optimizer"] == "zo"
+        return eval_schedule(self.first_eval, self.budget if zo else self.backprop_budget)
 
 
 @dataclass
@@ -185,15 +209,15 @@ def run_cell(cfg: QualityConfig, concept_name: str, seed: int, precision: str,
         zo = _zo_config(cfg, method, precision)
         optimizer = METHODS[method]["optimizer"]
         per_step = zo.forwards_per_step if optimizer == "zo" else 1
-        chunk = cfg.budget // cfg.eval_points // per_step
         state = engine.init_state(ti, seed=seed)
         res = RunResult(concept_name, seed, method, precision,
                         initial_concept_match=initial["match"])
         spent = 0
-        for k in range(cfg.eval_points):
+        for k, point in enumerate(cfg.schedule(method)):
             phase = f"{method}/{k}"
             with meter.phase(phase):
-                out = engine.train(data, state, zo, chunk, optimizer=optimizer)
+                out = engine.train(data, state, zo, point // per_step - state.step,
+                                   optimizer=optimizer)
             res.train_peak_rise_mib = max(res.train_peak_rise_mib, meter.phases[phase].rise_mib)
             state = out.state
             spent += out.forward_passes
@@ -313,7 +337,8 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
         "model_fingerprint": settings["model_fingerprint"],
         "scale": (f"{len(concepts)} concepts, {len(cells)} (concept, seed, precision) cells "
                   f"({per_precision}), {len(cfg.methods)} methods at fp32, "
-                  f"{cfg.budget} UNet forwards per run, {cfg.n_images} images per fidelity point"),
+                  f"{cfg.budget} UNet forwards per ZO run and {cfg.backprop_budget} per backprop "
+                  f"run, {cfg.n_images} images per fidelity point"),
         "cells": [list(c) for c in cells],
         "cells_missing": [list(c) for c in cfg.cells() if c not in cells],
         "machine": {"cpu_threads_per_job": threads, "jobs": jobs, "platform": platform.platform(),
@@ -323,6 +348,8 @@ def run(cfg: QualityConfig, *, cells_dir: Path, jobs: int = 1, threads: int = 1,
         "summary": summarize(runs, cfg),
         "summary_learnable": summarize(
             [r for r in runs if ceilings[r.concept] >= LEARNABLE_CEILING], cfg),
+        "paired_learnable": paired_comparisons(
+            [r for r in runs if ceilings[r.concept] >= LEARNABLE_CEILING]),
     }
 
 
@@ -360,6 +387,83 @@ def summarize(runs: list[RunResult], cfg: QualityConfig) -> dict[str, dict[str, 
             "train_peak_rise_mib": float(np.max([r.train_peak_rise_mib for r in rs])),
         }
     return out
+
+
+def _mean_se(values: list[float]) -> dict[str, float]:
+    """Mean, standard error and count of paired differences."""
+    n = len(values)
+    se = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": float(np.mean(values)) if n else float("nan"), "se": se, "n": float(n)}
+
+
+def _match_at(run: RunResult, *, forwards: int | None = None, wall: float | None = None) -> float:
+    """A run's concept match at the last scored point within `forwards` or `wall` seconds
+    (its initial match before the first point): what it had reached by then."""
+    xs = run.forwards if forwards is not None else run.wall_at
+    limit = forwards if forwards is not None else wall
+    reached = [m for x, m in zip(xs, run.concept_match, strict=True) if x <= limit]  # type: ignore[operator]
+    return reached[-1] if reached else run.initial_concept_match
+
+
+def paired_comparisons(runs: list[RunResult], subject: str = "zoodip",
+                       references: tuple[str, ...] = ("backprop_ti", "backprop_ti_puts")
+                       ) -> dict[str, Any]:
+    """`subject` against each reference and each other method, paired on (concept, seed, precision).
+
+    For every pair of runs on the same cell: the difference of final concept matches (each at its
+    own budget); for the references also at equal forwards (the reference's match at the
+    subject's final forward count, and the subject's at the reference's budget) and at equal
+    training wall time (the reference's match at the subject's final wall time); and whether and
+    after how many forwards the subject first reaches the reference's final match.
+    """
+    by_key = {(r.concept, r.seed, r.precision, r.method): r for r in runs}
+    cells = sorted({(r.concept, r.seed, r.precision) for r in runs})
+    out: dict[str, Any] = {}
+    for other in sorted({r.method for r in runs} - {subject}):
+        pairs = [(by_key[(*c, subject)], by_key[(*c, other)]) for c in cells
+                 if (*c, subject) in by_key and (*c, other) in by_key]
+        if not pairs:
+            continue
+        entry: dict[str, Any] = {
+            "final_match_diff": _mean_se([s.concept_match[-1] - o.concept_match[-1]
+                                          for s, o in pairs])}
+        if other in references:
+            entry["at_reference_budget_diff"] = _mean_se(
+                [_match_at(s, forwards=o.forwards[-1]) - o.concept_match[-1] for s, o in pairs])
+            entry["at_equal_wall_diff"] = _mean_se(
+                [s.concept_match[-1] - _match_at(o, wall=s.wall_at[-1]) for s, o in pairs])
+            reach = [next((f for f, m in zip(s.forwards, s.concept_match, strict=True)
+                           if m >= o.concept_match[-1]), None) for s, o in pairs]
+            hit = [f for f in reach if f is not None]
+            entry["reaches_reference_final"] = {
+                "fraction": len(hit) / len(pairs),
+                "median_forwards": float(np.median(hit)) if hit else None,
+                "reference_forwards": float(np.median([o.forwards[-1] for _, o in pairs]))}
+            entry["wall_per_forward_s"] = {
+                subject: float(np.mean([s.train_wall_s / s.forwards[-1] for s, _ in pairs])),
+                other: float(np.mean([o.train_wall_s / o.forwards[-1] for _, o in pairs]))}
+        out[other] = entry
+    return {"subject": subject, "against": out}
+
+
+def _paired_table(paired: dict[str, Any]) -> list[str]:
+    subject = paired["subject"]
+    lines = [f"| {subject} minus | pairs | final match (each at its budget) | at the reference's "
+             "budget (equal forwards) | at equal wall time | reaches the reference's final match "
+             "(fraction, median forwards) |", "|---|---|---|---|---|---|"]
+
+    def f(x: dict[str, float] | None) -> str:
+        return "-" if x is None else f"{x['mean']:+.3f} +- {x['se']:.3f}"
+
+    for other, e in paired["against"].items():
+        reach = e.get("reaches_reference_final")
+        reach_s = "-" if reach is None else (
+            f"{reach['fraction']:.2f}, " + ("-" if reach["median_forwards"] is None
+                                            else f"{reach['median_forwards']:.0f}"))
+        lines.append(f"| {other} | {e['final_match_diff']['n']:.0f} | {f(e['final_match_diff'])} "
+                     f"| {f(e.get('at_reference_budget_diff'))} | {f(e.get('at_equal_wall_diff'))} "
+                     f"| {reach_s} |")
+    return lines
 
 
 def _table(summary: dict[str, Any]) -> list[str]:
@@ -400,6 +504,10 @@ def markdown(record: dict[str, Any]) -> str:
                                          for m, s in record["summary_learnable"].items()
                                          if "@" not in m) + ".")
                 lines.append("")
+    if record.get("paired_learnable", {}).get("against"):
+        lines += [f"### Paired differences on the concepts with VAE ceiling >= {LEARNABLE_CEILING} "
+                  "(mean +- standard error over cells)", "",
+                  *_paired_table(record["paired_learnable"]), ""]
     lines += _precision_table(record)
     labels = list(record["summary"])
     lines += ["### Final concept match per concept (mean over seeds)", "",
@@ -416,27 +524,33 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def _precision_table(record: dict[str, Any]) -> list[str]:
-    """Quantized runs beside the fp32 runs of the same method on the same (concept, seed) cells."""
+    """Quantized runs beside the fp32 runs of the same method on the same (concept, seed) cells,
+    with the paired difference of final concept match (mean +- standard error)."""
     rows = []
     for label in record["summary"]:
         if "@" not in label:
             continue
         method = label.split("@")[0]
-        quant = [r for r in record["runs"] if _run_label(r) == label]
-        keys = {(r["concept"], r["seed"]) for r in quant}
-        fp32 = [r for r in record["runs"] if _run_label(r) == method and (r["concept"], r["seed"]) in keys]
+        quant = {(r["concept"], r["seed"]): r for r in record["runs"] if _run_label(r) == label}
+        fp32 = {(r["concept"], r["seed"]): r for r in record["runs"]
+                if _run_label(r) == method and (r["concept"], r["seed"]) in quant}
         if not fp32:
             continue
+        keys = sorted(fp32)
+
         def cell(rs: list[dict[str, Any]]) -> str:
             return (f"{np.mean([r['concept_match'][-1] for r in rs]):.2f} / "
                     f"{np.mean([r['feature_cosine'][-1] for r in rs]):.3f} / "
                     f"{np.mean([r['train_wall_s'] for r in rs]):.1f}")
-        rows.append(f"| {label} | {len(quant)} | {cell(fp32)} | {cell(quant)} |")
+        diff = _mean_se([quant[k]["concept_match"][-1] - fp32[k]["concept_match"][-1] for k in keys])
+        rows.append(f"| {label} | {len(keys)} | {cell([fp32[k] for k in keys])} | "
+                    f"{cell([quant[k] for k in keys])} | {diff['mean']:+.3f} +- {diff['se']:.3f} |")
     if not rows:
         return []
     return ["### Quantized vs fp32 on the same cells", "",
-            "| method@precision | runs | fp32: match / feature cos / train s | quantized: match / "
-            "feature cos / train s |", "|---|---|---|---|", *rows, ""]
+            "| method@precision | pairs | fp32: match / feature cos / train s | quantized: match / "
+            "feature cos / train s | quantized minus fp32 (match) |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def _run_label(r: dict[str, Any]) -> str:
@@ -459,17 +573,18 @@ def plot(record: dict[str, Any], png: Path) -> None:
         rs = [r for r in record["runs"] if _run_label(r) == label and r["concept"] in learnable]
         if not rs or "@" in label:  # quantized runs cover fewer cells: compared in the table
             continue
-        x = [0] + rs[0]["forwards"]
-        match = [np.mean([r["initial_concept_match"] for r in rs])] + list(
-            np.mean([r["concept_match"] for r in rs], axis=0))
-        axes[0].plot(x, match, marker="o", label=label)
-        axes[1].plot(x[1:], np.mean([r["feature_cosine"] for r in rs], axis=0), marker="o",
+        x = rs[0]["forwards"]  # one schedule per method (eval_schedule)
+        axes[0].plot(x, np.mean([r["concept_match"] for r in rs], axis=0), marker="o", label=label)
+        axes[1].plot(x, np.mean([r["feature_cosine"] for r in rs], axis=0), marker="o",
                      label=label)
+    start = [r["initial_concept_match"] for r in record["runs"] if r["concept"] in learnable]
+    axes[0].axhline(float(np.mean(start)), color="black", ls="--", lw=1, label="initializer word")
     axes[0].axhline(record["config"]["threshold"], color="gray", ls=":", lw=1)
     axes[0].set_ylabel("oracle concept match (CLIP-I analogue)")
     axes[1].set_ylabel("oracle feature cosine to the photos (DINO analogue)")
     for ax in axes:
-        ax.set_xlabel("UNet forward evaluations")
+        ax.set_xlabel("UNet forward evaluations (log scale)")
+        ax.set_xscale("log")
         ax.legend(fontsize=7)
     fig.suptitle(f"fp32, mean over {which} ({', '.join(sorted(learnable))}) and their seeds\n"
                  f"{record['scale']}", fontsize=8)
@@ -493,8 +608,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="fp32 runs every method; int8/int4 (quanto) only --quant-methods")
     p.add_argument("--quant-methods", nargs="+", default=list(d.quant_methods),
                    choices=list(METHODS))
-    p.add_argument("--budget", type=int, default=d.budget, help="UNet forwards per run")
-    p.add_argument("--eval-points", type=int, default=d.eval_points)
+    p.add_argument("--budget", type=int, default=d.budget, help="UNet forwards per ZO run")
+    p.add_argument("--backprop-budget", type=int, default=d.backprop_budget,
+                   help="UNet forwards (= steps) per backprop TI run")
+    p.add_argument("--first-eval", type=int, default=d.first_eval,
+                   help="forwards at the first scored point; then every doubling and the budget")
     p.add_argument("--n-images", type=int, default=d.n_images)
     p.add_argument("--gen-steps", type=int, default=d.gen_steps)
     p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
@@ -519,7 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QualityConfig(concepts=tuple(args.concepts), seeds=tuple(args.seeds),
                         methods=tuple(args.methods), precisions=tuple(args.precisions),
                         quant_methods=tuple(args.quant_methods), budget=args.budget,
-                        eval_points=args.eval_points, n_images=args.n_images,
+                        backprop_budget=args.backprop_budget, first_eval=args.first_eval,
+                        n_images=args.n_images,
                         gen_steps=args.gen_steps, guidance=args.guidance,
                         threshold=args.threshold, zo_lr=args.zo_lr,
                         backprop_lr=args.backprop_lr, tau=args.tau, model_dir=args.model)

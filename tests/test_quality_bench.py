@@ -29,8 +29,13 @@ def test_config_validation() -> None:
         q.QualityConfig(concepts=("unicorn",))
     with pytest.raises(ValueError, match="unknown methods"):
         q.QualityConfig(methods=("adam",))
-    with pytest.raises(ValueError, match="too small"):
-        q.QualityConfig(budget=5, eval_points=4)
+    with pytest.raises(ValueError, match="first_eval"):
+        q.QualityConfig(budget=5, first_eval=6)
+    assert q.eval_schedule(300, 2400) == [300, 600, 1200, 2400]
+    assert q.eval_schedule(300, 1000) == [300, 600, 1000]
+    cfg = q.QualityConfig(budget=2400, backprop_budget=600, first_eval=300)
+    assert cfg.schedule("zoodip") == [300, 600, 1200, 2400]
+    assert cfg.schedule("backprop_ti_puts") == [300, 600]
     with pytest.raises(ValueError, match="threshold"):
         q.QualityConfig(threshold=0.0)
     with pytest.raises(ValueError, match="unknown precisions"):
@@ -55,17 +60,19 @@ def test_tiny_run_writes_consistent_results(tiny_world_model: Path, tmp_path: Pa
     out = tmp_path / "quality.json"
     model = shutil.copytree(tiny_world_model, tmp_path / "model")  # retrained at the end
     argv = ["--concepts", "ember", "--methods", "zoodip", "backprop_ti", "--budget", "12",
-            "--eval-points", "2", "--n-images", "2", "--gen-steps", "2", "--precisions", "fp32",
+            "--backprop-budget", "6", "--first-eval", "6", "--n-images", "2", "--gen-steps", "2", "--precisions", "fp32",
             "int8", "--quant-methods", "zoodip", "--model", str(model),
             "--out", str(out)]
     q.main(argv)
     record = json.loads(out.read_text())
     runs = {(r["method"], r["precision"]): r for r in record["runs"]}
     assert set(runs) == {("zoodip", "fp32"), ("backprop_ti", "fp32"), ("zoodip", "int8")}
-    # Equal forward budgets: ZO spends n + 1 = 3 per step, backprop 1.
+    # Scored at the same forward counts up to each budget: ZO spends n + 1 = 3 per step, backprop 1.
     assert runs[("zoodip", "fp32")]["forwards"] == [6, 12]
-    assert runs[("backprop_ti", "fp32")]["forwards"] == [6, 12]
+    assert runs[("backprop_ti", "fp32")]["forwards"] == [6]
     assert runs[("zoodip", "int8")]["forwards"] == [6, 12]
+    against = record["paired_learnable"]["against"] if record["paired_learnable"] else {}
+    assert set(against) <= {"backprop_ti"}
     assert list(record["summary"]) == ["zoodip", "backprop_ti", "zoodip@int8"]
     assert "1 concepts, 2 (concept, seed, precision) cells (fp32 1, int8 1)" in record["scale"]
     assert 0.0 <= record["vae_ceiling"]["ember"] <= 1.0
@@ -109,3 +116,29 @@ def tiny_world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from zo_core.model_factory import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("world-sd"), words=vocabulary(), seed=0)
+
+
+def test_paired_comparisons_on_synthetic_runs() -> None:
+    q = _load()
+
+    def run(method: str, seed: int, forwards: list[int], match: list[float], wall: list[float]):
+        return q.RunResult("lagoon", seed, method, forwards=forwards, concept_match=match,
+                           feature_cosine=[0.0] * len(match), wall_at=wall,
+                           train_wall_s=wall[-1], initial_concept_match=0.1)
+
+    runs = [
+        run("zoodip", 0, [300, 600, 1200], [0.2, 0.4, 0.6], [1.0, 2.0, 4.0]),
+        run("zoodip", 1, [300, 600, 1200], [0.1, 0.3, 0.5], [1.0, 2.0, 4.0]),
+        run("backprop_ti_puts", 0, [300, 600], [0.5, 0.5], [3.0, 6.0]),
+        run("backprop_ti_puts", 1, [300, 600], [0.2, 0.7], [3.0, 6.0]),
+    ]
+    out = q.paired_comparisons(runs)["against"]["backprop_ti_puts"]
+    assert out["final_match_diff"]["mean"] == pytest.approx(((0.6 - 0.5) + (0.5 - 0.7)) / 2)
+    assert out["final_match_diff"]["n"] == 2
+    # equal forwards: ZOODiP's match at the reference's 600 forwards
+    assert out["at_reference_budget_diff"]["mean"] == pytest.approx(((0.4 - 0.5) + (0.3 - 0.7)) / 2)
+    # equal wall: the reference's match by ZOODiP's final 4.0 s is its 3.0 s point
+    assert out["at_equal_wall_diff"]["mean"] == pytest.approx(((0.6 - 0.5) + (0.5 - 0.2)) / 2)
+    # seed 0 reaches 0.5 at 1200 forwards, seed 1 never reaches 0.7
+    assert out["reaches_reference_final"] == {"fraction": 0.5, "median_forwards": 1200.0,
+                                              "reference_forwards": 600.0}
